@@ -1,0 +1,521 @@
+
+/*
+ * Copyright (C) The token budget authors
+ *
+ * Byte pair encoding of one piece, with tiktoken's semantics: repeatedly
+ * merge the adjacent pair of parts whose concatenation is the token of the
+ * lowest rank, the leftmost one on ties.
+ *
+ * Short pieces are merged in place, as tiktoken does.  That is quadratic in
+ * the length of a piece, so long pieces (a megabyte of one letter is one
+ * piece) are encoded by backtracking instead: the longest token that fits
+ * is taken first, then shorter ones, until every adjacent pair of tokens is
+ * one that the merging would have left apart.  Only one encoding has that
+ * property, so the result is the same; the work is linear.
+ *
+ * A pair of tokens (a, b) is left apart when, going back through the merges
+ * that built a and b, no pair of parts facing each other across the
+ * boundary would have merged before the merge that consumed one of them.
+ */
+
+
+#include "tk_internal.h"
+
+
+#define tk_emit(out, id)                                                      \
+    if ((out)->ids != NULL && (out)->n < (out)->max) {                        \
+        (out)->ids[(out)->n] = (id);                                          \
+    }                                                                         \
+    (out)->n++
+
+
+static int tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p,
+    size_t n, tk_out_t *out);
+static uint32_t tk_longest(const tk_encoding_t *enc, const unsigned char *p,
+    size_t n);
+static int tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
+static uint32_t tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
+static uint32_t tk_trie_child(const tk_encoding_t *enc, uint32_t node,
+    unsigned char c);
+static int tk_trie_add(tk_encoding_t *enc, uint32_t id);
+
+
+void *
+tk_alloc(const tk_allocator_t *a, size_t size)
+{
+    return a->alloc(a->data, size);
+}
+
+
+void
+tk_free(const tk_allocator_t *a, void *p)
+{
+    if (p != NULL) {
+        a->free(a->data, p);
+    }
+}
+
+
+int
+tk_bpe(const tk_encoding_t *enc, const unsigned char *p, size_t n,
+    tk_out_t *out)
+{
+    uint32_t  id;
+
+    if (n == 1) {
+        tk_emit(out, enc->byte_rank[p[0]]);
+        return TK_OK;
+    }
+
+    id = tk_rank(enc, p, n);
+
+    if (id != TK_NONE) {
+        tk_emit(out, id);
+        return TK_OK;
+    }
+
+    if (n <= TK_SHORT_PIECE) {
+        return tk_bpe_merge(enc, p, n, out, NULL);
+    }
+
+    return tk_bpe_backtrack(enc, p, n, out);
+}
+
+
+/*
+ * tiktoken's own merge loop; "split", when not NULL, gets the two parts
+ * of the last merge
+ */
+
+int
+tk_bpe_merge(const tk_encoding_t *enc, const unsigned char *p, size_t n,
+    tk_out_t *out, uint32_t *split)
+{
+    size_t     i, m, min_i;
+    uint32_t   min, buf[2 * (TK_SHORT_PIECE + 1)], *start, *rank;
+
+    if (n <= TK_SHORT_PIECE) {
+        start = buf;
+
+    } else {
+        start = tk_alloc(&enc->allocator, 2 * (n + 1) * sizeof(uint32_t));
+        if (start == NULL) {
+            return TK_ENOMEM;
+        }
+    }
+
+    rank = start + n + 1;
+
+    for (i = 0; i + 1 < n; i++) {
+        start[i] = i;
+        rank[i] = enc->pair_rank[p[i] << 8 | p[i + 1]];
+    }
+
+    start[n - 1] = n - 1;
+    rank[n - 1] = TK_NONE;
+    start[n] = n;
+    rank[n] = TK_NONE;
+    m = n + 1;
+
+    for ( ;; ) {
+        min = TK_NONE;
+        min_i = 0;
+
+        for (i = 0; i + 1 < m; i++) {
+            if (rank[i] < min) {
+                min = rank[i];
+                min_i = i;
+            }
+        }
+
+        if (min == TK_NONE) {
+            break;
+        }
+
+        i = min_i;
+
+        if (split != NULL && m == 3) {
+            split[0] = tk_rank(enc, p, start[1]);
+            split[1] = tk_rank(enc, p + start[1], n - start[1]);
+        }
+
+        if (i > 0) {
+            rank[i - 1] = (i + 2 < m)
+                          ? tk_rank(enc, p + start[i - 1],
+                                    start[i + 2] - start[i - 1])
+                          : TK_NONE;
+        }
+
+        rank[i] = (i + 3 < m)
+                  ? tk_rank(enc, p + start[i], start[i + 3] - start[i])
+                  : TK_NONE;
+
+        memmove(&start[i + 1], &start[i + 2], (m - i - 2) * sizeof(uint32_t));
+        memmove(&rank[i + 1], &rank[i + 2], (m - i - 2) * sizeof(uint32_t));
+        m--;
+    }
+
+    if (out->ids == NULL) {
+        out->n += m - 1;
+
+    } else {
+        for (i = 0; i + 1 < m; i++) {
+            tk_emit(out, tk_rank(enc, p + start[i], start[i + 1] - start[i]));
+        }
+    }
+
+    if (start != buf) {
+        tk_free(&enc->allocator, start);
+    }
+
+    return TK_OK;
+}
+
+
+static int
+tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
+    tk_out_t *out)
+{
+    size_t     pos, end, top, i;
+    uint32_t   t, last, *tokens;
+    uint64_t  *dead;
+
+    tokens = tk_alloc(&enc->allocator, (n + 1) * sizeof(uint32_t)
+                                       + (n / 64 + 1) * sizeof(uint64_t));
+    if (tokens == NULL) {
+        return TK_ENOMEM;
+    }
+
+    dead = (uint64_t *) (tokens + n + (n & 1));
+    memset(dead, 0, (n / 64 + 1) * sizeof(uint64_t));
+
+    pos = 0;
+    top = 0;
+    t = tk_longest(enc, p, n);
+
+    for ( ;; ) {
+        last = top ? tokens[top - 1] : TK_NONE;
+
+        end = pos + tk_token_len(enc, t);
+
+        if ((end == n || (dead[end >> 6] & (1ULL << (end & 63))) == 0)
+            && (last == TK_NONE || tk_valid_pair(enc, last, t)))
+        {
+            tokens[top++] = t;
+            pos = end;
+
+            if (pos == n) {
+                break;
+            }
+
+            t = tk_longest(enc, p + pos, n - pos);
+            continue;
+        }
+
+        t = enc->next_prefix[t];
+
+        if (t != TK_NONE) {
+            continue;
+        }
+
+        /* nothing fits at pos after the last token: step back */
+
+        if (top == 0) {
+            /* cannot happen with a consistent vocabulary */
+            tk_free(&enc->allocator, tokens);
+            return tk_bpe_merge(enc, p, n, out, NULL);
+        }
+
+        dead[pos >> 6] |= 1ULL << (pos & 63);
+        top--;
+        pos -= tk_token_len(enc, last);
+        t = last;
+    }
+
+    if (out->ids == NULL) {
+        out->n += top;
+
+    } else {
+        for (i = 0; i < top; i++) {
+            tk_emit(out, tokens[i]);
+        }
+    }
+
+    tk_free(&enc->allocator, tokens);
+
+    return TK_OK;
+}
+
+
+static uint32_t
+tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n)
+{
+    size_t    i;
+    uint32_t  node, best;
+
+    node = 0;
+    best = TK_NONE;
+
+    for (i = 0; i < n; i++) {
+        node = tk_trie_child(enc, node, p[i]);
+
+        if (node == TK_NONE) {
+            break;
+        }
+
+        if (enc->trie_token[node] != TK_NONE) {
+            best = enc->trie_token[node];
+        }
+    }
+
+    return best;
+}
+
+
+static int
+tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
+{
+    uint32_t  limit, m;
+
+    limit = TK_NONE;
+
+    for ( ;; ) {
+        m = tk_pair(enc, a, b);
+
+        if (m != TK_NONE && m < limit) {
+            return 0;
+        }
+
+        /* undo the later of the two merges that made a and b */
+
+        if (a > b) {
+            limit = a;
+            a = enc->split[2 * a + 1];
+
+            if (a == limit) {
+                limit = b + 1;
+                b = enc->split[2 * b];
+
+                if (b + 1 == limit) {
+                    return 1;
+                }
+            }
+
+        } else {
+            limit = b + 1;
+            b = enc->split[2 * b];
+
+            if (b + 1 == limit) {
+                limit = a;
+                a = enc->split[2 * a + 1];
+
+                if (a == limit) {
+                    return 1;
+                }
+            }
+        }
+    }
+}
+
+
+static uint32_t
+tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
+{
+    size_t         la, lb;
+    unsigned char  buf[TK_MAX_TOKEN_LEN];
+
+    la = tk_token_len(enc, a);
+    lb = tk_token_len(enc, b);
+
+    if (la + lb > enc->max_len) {
+        return TK_NONE;
+    }
+
+    memcpy(buf, enc->bytes + enc->offset[a], la);
+    memcpy(buf + la, enc->bytes + enc->offset[b], lb);
+
+    return tk_rank(enc, buf, la + lb);
+}
+
+
+static uint32_t
+tk_trie_child(const tk_encoding_t *enc, uint32_t node, unsigned char c)
+{
+    uint32_t  key, i;
+    uint64_t  e;
+
+    key = node << 8 | c;
+
+    for (i = (uint32_t) (((uint64_t) key * 0x9e3779b97f4a7c15ULL) >> 40)
+             & enc->trie_mask;
+         /* void */;
+         i = (i + 1) & enc->trie_mask)
+    {
+        e = enc->trie_edge[i];
+
+        if (e == 0) {
+            return TK_NONE;
+        }
+
+        if ((uint32_t) (e >> 32) == key + 1) {
+            return (uint32_t) e;
+        }
+    }
+}
+
+
+static int
+tk_trie_add(tk_encoding_t *enc, uint32_t id)
+{
+    size_t          n, k;
+    uint32_t        node, child, key, i;
+    const uint8_t  *p;
+
+    p = enc->bytes + enc->offset[id];
+    n = tk_token_len(enc, id);
+    node = 0;
+
+    for (k = 0; k < n; k++) {
+        child = tk_trie_child(enc, node, p[k]);
+
+        if (child == TK_NONE) {
+            child = enc->trie_nodes++;
+            enc->trie_token[child] = TK_NONE;
+            key = node << 8 | p[k];
+
+            for (i = (uint32_t) (((uint64_t) key * 0x9e3779b97f4a7c15ULL)
+                                 >> 40) & enc->trie_mask;
+                 enc->trie_edge[i] != 0;
+                 i = (i + 1) & enc->trie_mask)
+            {
+                /* void */
+            }
+
+            enc->trie_edge[i] = ((uint64_t) (key + 1) << 32) | child;
+        }
+
+        node = child;
+    }
+
+    enc->trie_token[node] = id;
+
+    return TK_OK;
+}
+
+
+/*
+ * builds what backtracking needs: the last merge of every token, a trie of
+ * the tokens that merging can produce, and each one's longest prefix token
+ */
+
+int
+tk_bpe_prepare(tk_encoding_t *enc)
+{
+    size_t     total, size, k, n;
+    uint32_t   id, node, best, split[2], *reachable;
+    tk_out_t   out;
+
+    enc->split = tk_alloc(&enc->allocator, 2 * enc->nids * sizeof(uint32_t));
+    enc->next_prefix = tk_alloc(&enc->allocator,
+                                enc->nids * sizeof(uint32_t));
+    reachable = tk_alloc(&enc->allocator, enc->nids * sizeof(uint32_t));
+
+    if (enc->split == NULL || enc->next_prefix == NULL || reachable == NULL) {
+        tk_free(&enc->allocator, reachable);
+        return TK_ENOMEM;
+    }
+
+    total = 1;
+
+    for (id = 0; id < enc->nids; id++) {
+        enc->split[2 * id] = id;
+        enc->split[2 * id + 1] = id;
+        enc->next_prefix[id] = TK_NONE;
+        reachable[id] = 0;
+
+        if (!enc->present[id]) {
+            continue;
+        }
+
+        n = tk_token_len(enc, id);
+
+        if (n == 1) {
+            reachable[id] = 1;
+            total++;
+            continue;
+        }
+
+        out.ids = NULL;
+        out.max = 0;
+        out.n = 0;
+        split[0] = TK_NONE;
+        split[1] = TK_NONE;
+
+        if (tk_bpe_merge(enc, enc->bytes + enc->offset[id], n, &out, split)
+            != TK_OK)
+        {
+            tk_free(&enc->allocator, reachable);
+            return TK_ENOMEM;
+        }
+
+        if (out.n == 1 && split[0] != TK_NONE && split[1] != TK_NONE) {
+            enc->split[2 * id] = split[0];
+            enc->split[2 * id + 1] = split[1];
+            reachable[id] = 1;
+            total += n;
+        }
+    }
+
+    /* the trie: at most one node per byte of the reachable tokens */
+
+    for (size = 1024; size < 2 * total; size <<= 1) { /* void */ }
+
+    enc->trie_mask = size - 1;
+    enc->trie_edge = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
+    enc->trie_token = tk_alloc(&enc->allocator, total * sizeof(uint32_t));
+
+    if (enc->trie_edge == NULL || enc->trie_token == NULL) {
+        tk_free(&enc->allocator, reachable);
+        return TK_ENOMEM;
+    }
+
+    memset(enc->trie_edge, 0, size * sizeof(uint64_t));
+    enc->trie_token[0] = TK_NONE;
+    enc->trie_nodes = 1;
+
+    for (id = 0; id < enc->nids; id++) {
+        if (reachable[id]) {
+            (void) tk_trie_add(enc, id);
+        }
+    }
+
+    for (id = 0; id < enc->nids; id++) {
+        if (!reachable[id]) {
+            continue;
+        }
+
+        node = 0;
+        best = TK_NONE;
+        n = tk_token_len(enc, id);
+
+        for (k = 0; k + 1 < n; k++) {
+            node = tk_trie_child(enc, node,
+                                 enc->bytes[enc->offset[id] + k]);
+
+            if (enc->trie_token[node] != TK_NONE) {
+                best = enc->trie_token[node];
+            }
+        }
+
+        enc->next_prefix[id] = best;
+    }
+
+    tk_free(&enc->allocator, reachable);
+
+    enc->memory += 2 * enc->nids * sizeof(uint32_t)
+                   + enc->nids * sizeof(uint32_t)
+                   + size * sizeof(uint64_t)
+                   + total * sizeof(uint32_t);
+
+    return TK_OK;
+}
