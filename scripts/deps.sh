@@ -29,20 +29,22 @@ if [ -n "$missing" ]; then
 
     # Debian starts nginx and redis on install; keep them from starting.
     # A policy-rc.d that refuses every start works without systemd too.
-    policy=/usr/sbin/policy-rc.d
-    own_policy=0
-    if [ ! -e $policy ]; then
+    policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        trap 'rm -f $policy' EXIT
+        trap 'exit 1' INT TERM
         printf '#!/bin/sh\nexit 101\n' > $policy
         chmod 755 $policy
-        own_policy=1
     fi
 
-    rc=0
-    { apt-get update -q && apt-get install -y -q --no-install-recommends \
-        $missing; } || rc=$?
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends $missing
 
-    [ $own_policy = 1 ] && rm -f $policy
-    [ $rc = 0 ] || exit $rc
+    if [ -n "$policy" ]; then
+        trap - EXIT INT TERM
+        rm -f $policy
+    fi
 fi
 
 # Stop a system nginx on port 80 if something started one anyway; the
