@@ -90,9 +90,9 @@ is($reqs->[0]{headers}{'x-token-count'}, '9', 'recorded header');
 $t->upstream_reset();
 is(scalar @{$t->upstream_requests()}, 0, 'upstream reset');
 
-# list context, GET
+# list context, GET, the helpers as functions
 
-my ($status, $headers, $text) = $t->http_get('/local');
+my ($status, $headers, $text) = http_get('/local');
 is($status, 200, 'get status');
 is($text, "local GET\n", 'get body');
 
@@ -100,7 +100,7 @@ is($text, "local GET\n", 'get body');
 
 $t->http_post('/v1/embeddings', { model => 'text-embedding-3-small',
     input => 'x' x 100 }, -chunked => 7);
-$reqs = $t->upstream_requests();
+$reqs = upstream_requests();
 is(TBTest::json_decode($reqs->[-1]{body})->{input}, 'x' x 100,
     'chunked body');
 

@@ -38,6 +38,10 @@ package TBTest;
 # load_module unless TEST_NGINX_STATIC=1) and %%TEST_GLOBALS_HTTP%% (http
 # context: access_log and every *_temp_path in the test directory).
 #
+# The HTTP helpers, nginx_t() and the upstream_*() helpers are methods,
+# and are also exported as functions acting on the latest TBTest object:
+# http_get('/') is $t->http_get('/').
+#
 # $t->plan(N) plans N tests plus the harness' two log checks.  A file
 # whose configuration needs the module is skipped when the .so is missing,
 # unless TBTest->new(module => 'optional').
@@ -51,6 +55,8 @@ use strict;
 use warnings;
 
 use Test::More ();
+
+use Exporter qw(import);
 
 use Cwd qw(abs_path);
 use Errno qw(EINTR);
@@ -73,6 +79,10 @@ our $MODULE = $ENV{TEST_NGINX_MODULE}
               || "$ROOT/build/ngx_http_token_budget_module.so";
 our $STATIC = $ENV{TEST_NGINX_STATIC} ? 1 : 0;
 our $NODE = $ENV{TEST_NODE} || 'node';
+
+our @EXPORT = qw(http_get http_post http_raw nginx_t upstream_requests
+                 upstream_reset);
+our @EXPORT_OK = qw(parse_response parse_responses json_decode json_encode);
 
 my $json = JSON::PP->new->utf8->canonical;
 
@@ -114,6 +124,21 @@ sub new {
     push @instances, $self;
 
     return $self;
+}
+
+
+# the object a helper called as a function acts on
+
+sub self_or_latest {
+    my ($args) = @_;
+
+    if (@$args && ref $args->[0] && UNIVERSAL::isa($args->[0], __PACKAGE__)) {
+        return shift @$args;
+    }
+
+    die "no TBTest object\n" unless @instances;
+
+    return $instances[-1];
 }
 
 
@@ -264,7 +289,8 @@ sub read_file {
 # context
 
 sub nginx_t {
-    my ($self, $template) = @_;
+    my $self = self_or_latest(\@_);
+    my ($template) = @_;
 
     my $dir = "$self->{dir}/t-" . ++$self->{nginx_t};
     make_path("$dir/logs");
@@ -319,7 +345,8 @@ sub run {
         open STDERR, '>>', "$dir/stderr.log";
         exec($NGINX, '-p', "$dir/", '-c', "$dir/nginx.conf",
              '-g', 'daemon off;')
-            or POSIX::_exit(127);
+            or print STDERR "exec $NGINX: $!\n";
+        POSIX::_exit(127);
     }
 
     $self->{nginx_pid} = $pid;
@@ -471,7 +498,8 @@ sub run_upstream {
         open STDOUT, '>>', "$dir/upstream.log";
         open STDERR, '>>', "$dir/upstream.log";
         exec($NODE, "$ROOT/t/upstream/server.js", $port)
-            or POSIX::_exit(127);
+            or print STDERR "exec $NODE: $!\n";
+        POSIX::_exit(127);
     }
 
     $self->{upstream_pid} = $pid;
@@ -487,7 +515,7 @@ sub run_upstream {
 
 
 sub upstream_requests {
-    my ($self) = @_;
+    my $self = self_or_latest(\@_);
 
     my $r = $self->http_get('/__requests', -port => $self->upstream_port());
 
@@ -498,7 +526,7 @@ sub upstream_requests {
 
 
 sub upstream_reset {
-    my ($self) = @_;
+    my $self = self_or_latest(\@_);
 
     $self->http_post('/__reset', '', -port => $self->upstream_port());
 
@@ -519,14 +547,16 @@ sub upstream_reset {
 # with status, headers, header_list, body and raw.
 
 sub http_get {
-    my ($self, $path, @args) = @_;
+    my $self = self_or_latest(\@_);
+    my ($path, @args) = @_;
 
     return $self->http_request('GET', $path, undef, @args);
 }
 
 
 sub http_post {
-    my ($self, $path, $body, @args) = @_;
+    my $self = self_or_latest(\@_);
+    my ($path, $body, @args) = @_;
 
     return $self->http_request('POST', $path, $body, @args);
 }
@@ -601,7 +631,8 @@ sub http_request {
 # until the server closes the connection or -timeout passes
 
 sub http_raw {
-    my ($self, $data, %opts) = @_;
+    my $self = self_or_latest(\@_);
+    my ($data, %opts) = @_;
 
     my $port = $self->resolve_port($opts{-port});
     my $timeout = $opts{-timeout} || 10;
