@@ -351,16 +351,10 @@ sub run {
 
     $self->{nginx_pid} = $pid;
 
-    my @ports;
-    while ($self->{conf} =~ /(?:^|[;{])\s*listen\s+
-                             (?:(\[?[\w.:]+\]?):)?(\d+)\b/gmx)
-    {
-        push @ports, [$1 // '127.0.0.1', $2];
-    }
+    my @ports = $self->listen_ports();
 
     for my $p (@ports) {
         my ($host, $port) = @$p;
-        $host = '127.0.0.1' if $host eq '*' || $host eq '0.0.0.0';
 
         next if $host =~ /^\[/;
 
@@ -380,6 +374,26 @@ sub run {
     }
 
     return $self;
+}
+
+
+# [host, port] of every listen directive of the configuration
+
+sub listen_ports {
+    my ($self) = @_;
+
+    my @ports;
+
+    while (($self->{conf} // '') =~ /(?:^|[;{])\s*listen\s+
+                                     (?:(\[?[\w.:*]+\]?):)?(\d+)\b/gmx)
+    {
+        my $host = $1 // '127.0.0.1';
+        $host = '127.0.0.1' if $host eq '*' || $host eq '0.0.0.0';
+
+        push @ports, [$host, $2];
+    }
+
+    return @ports;
 }
 
 
@@ -694,13 +708,10 @@ sub resolve_port {
     my ($self, $port) = @_;
 
     if (!defined $port) {
-        if (defined $self->{conf}
-            && $self->{conf} =~ /(?:^|[;{])\s*listen\s+(?:[\w.]+:)?(\d+)\b/m)
-        {
-            return $1;
-        }
+        my ($first) = $self->listen_ports()
+            or die "no listen port in the configuration\n";
 
-        die "no listen port in the configuration\n";
+        return $first->[1];
     }
 
     return exists $self->{ports}{$port} ? $self->{ports}{$port} : $port;

@@ -87,6 +87,12 @@ function isCount(v) {
 }
 
 
+function includeUsage(body) {
+    return body.stream_options != null
+           && body.stream_options.include_usage === true;
+}
+
+
 /* what to generate and what to report */
 
 function plan(req, body, mock) {
@@ -193,8 +199,7 @@ function chat(body, p) {
 
 
 function chatStream(body, p) {
-    const withUsage = body.stream_options
-                      && body.stream_options.include_usage === true;
+    const withUsage = includeUsage(body);
     const events = [];
 
     const chunk = (choices, usage) => {
@@ -253,8 +258,7 @@ function completion(body, p) {
 
 
 function completionStream(body, p) {
-    const withUsage = body.stream_options
-                      && body.stream_options.include_usage === true;
+    const withUsage = includeUsage(body);
     const events = [];
 
     const chunk = (choices, usage) => {
