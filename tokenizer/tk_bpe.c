@@ -37,6 +37,7 @@ static int tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
 static uint32_t tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
 static uint32_t tk_trie_child(const tk_encoding_t *enc, uint32_t node,
     unsigned char c);
+static void tk_trie_put(tk_encoding_t *enc, uint32_t key, uint32_t child);
 static int tk_trie_add(tk_encoding_t *enc, uint32_t id);
 
 
@@ -364,11 +365,28 @@ tk_trie_child(const tk_encoding_t *enc, uint32_t node, unsigned char c)
 }
 
 
+static void
+tk_trie_put(tk_encoding_t *enc, uint32_t key, uint32_t child)
+{
+    uint32_t  i;
+
+    for (i = (uint32_t) (((uint64_t) key * 0x9e3779b97f4a7c15ULL) >> 40)
+             & enc->trie_mask;
+         enc->trie_edge[i] != 0;
+         i = (i + 1) & enc->trie_mask)
+    {
+        /* void */
+    }
+
+    enc->trie_edge[i] = ((uint64_t) (key + 1) << 32) | child;
+}
+
+
 static int
 tk_trie_add(tk_encoding_t *enc, uint32_t id)
 {
     size_t          n, k;
-    uint32_t        node, child, key, i;
+    uint32_t        node, child;
     const uint8_t  *p;
 
     p = enc->bytes + enc->offset[id];
@@ -381,17 +399,7 @@ tk_trie_add(tk_encoding_t *enc, uint32_t id)
         if (child == TK_NONE) {
             child = enc->trie_nodes++;
             enc->trie_token[child] = TK_NONE;
-            key = node << 8 | p[k];
-
-            for (i = (uint32_t) (((uint64_t) key * 0x9e3779b97f4a7c15ULL)
-                                 >> 40) & enc->trie_mask;
-                 enc->trie_edge[i] != 0;
-                 i = (i + 1) & enc->trie_mask)
-            {
-                /* void */
-            }
-
-            enc->trie_edge[i] = ((uint64_t) (key + 1) << 32) | child;
+            tk_trie_put(enc, node << 8 | p[k], child);
         }
 
         node = child;
@@ -412,7 +420,8 @@ int
 tk_bpe_prepare(tk_encoding_t *enc)
 {
     size_t     total, size, k, n;
-    uint32_t   id, node, best, split[2], *reachable;
+    uint32_t   id, node, best, mask, split[2], *reachable, *nodes;
+    uint64_t  *old;
     tk_out_t   out;
 
     enc->split = tk_alloc(&enc->allocator, 2 * enc->nids * sizeof(uint32_t));
@@ -489,8 +498,50 @@ tk_bpe_prepare(tk_encoding_t *enc)
         }
     }
 
+    tk_free(&enc->allocator, reachable);
+    reachable = NULL;
+
+    /* shrink the edges to a load of at most 3/4, now that they are known */
+
+    for (size = 1024; size * 3 < 4 * enc->trie_nodes; size <<= 1) {
+        /* void */
+    }
+
+    if (size - 1 < enc->trie_mask) {
+        old = enc->trie_edge;
+        mask = enc->trie_mask;
+
+        enc->trie_edge = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
+        if (enc->trie_edge == NULL) {
+            tk_free(&enc->allocator, old);
+            return TK_ENOMEM;
+        }
+
+        memset(enc->trie_edge, 0, size * sizeof(uint64_t));
+        enc->trie_mask = size - 1;
+
+        for (k = 0; k <= mask; k++) {
+            if (old[k] != 0) {
+                tk_trie_put(enc, (uint32_t) (old[k] >> 32) - 1,
+                            (uint32_t) old[k]);
+            }
+        }
+
+        tk_free(&enc->allocator, old);
+    }
+
+    nodes = tk_alloc(&enc->allocator, enc->trie_nodes * sizeof(uint32_t));
+    if (nodes == NULL) {
+        return TK_ENOMEM;
+    }
+
+    memcpy(nodes, enc->trie_token, enc->trie_nodes * sizeof(uint32_t));
+    tk_free(&enc->allocator, enc->trie_token);
+    enc->trie_token = nodes;
+
     for (id = 0; id < enc->nids; id++) {
-        if (!reachable[id]) {
+        if (enc->split[2 * id] == id && tk_token_len(enc, id) != 1) {
+            /* a token that merging never makes */
             continue;
         }
 
@@ -510,12 +561,9 @@ tk_bpe_prepare(tk_encoding_t *enc)
         enc->next_prefix[id] = best;
     }
 
-    tk_free(&enc->allocator, reachable);
-
-    enc->memory += 2 * enc->nids * sizeof(uint32_t)
-                   + enc->nids * sizeof(uint32_t)
-                   + size * sizeof(uint64_t)
-                   + total * sizeof(uint32_t);
+    enc->memory += 3 * enc->nids * sizeof(uint32_t)
+                   + (enc->trie_mask + 1) * sizeof(uint64_t)
+                   + enc->trie_nodes * sizeof(uint32_t);
 
     return TK_OK;
 }

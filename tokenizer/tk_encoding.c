@@ -14,7 +14,7 @@
 #include "tk_internal.h"
 
 
-#define TK_MAX_RANK   (1U << 24)
+#define TK_MAX_RANK   (1U << 20)
 
 
 typedef struct {
@@ -363,8 +363,21 @@ tk_encoding_parse(const unsigned char *data, size_t len, tk_pattern_e pattern,
 
     enc->table = tk_alloc(allocator, (enc->mask + 1) * sizeof(tk_slot_t));
     enc->pair_rank = tk_alloc(allocator, 65536 * sizeof(uint32_t));
+    enc->key = tk_alloc(allocator, enc->nids * sizeof(uint64_t));
 
-    if (enc->bytes == NULL || enc->offset == NULL || enc->present == NULL
+    /* the filter: about 40 bits a token, 2% false positives */
+
+    for (enc->filter_shift = 32 - 16;
+         (1U << (32 - enc->filter_shift)) < 40 * n && enc->filter_shift > 8;
+         enc->filter_shift--)
+    {
+        /* void */
+    }
+
+    enc->filter = tk_alloc(allocator, ((size_t) 1 << (32 - enc->filter_shift))
+                                      / 8);
+
+    if (enc->key == NULL || enc->filter == NULL || enc->bytes == NULL || enc->offset == NULL || enc->present == NULL
         || enc->table == NULL || enc->pair_rank == NULL)
     {
         snprintf(err, errlen, "out of memory");
@@ -372,6 +385,8 @@ tk_encoding_parse(const unsigned char *data, size_t len, tk_pattern_e pattern,
     }
 
     memset(enc->present, 0, enc->nids);
+    memset(enc->key, 0, enc->nids * sizeof(uint64_t));
+    memset(enc->filter, 0, ((size_t) 1 << (32 - enc->filter_shift)) / 8);
     memset(enc->table, 0xff, (enc->mask + 1) * sizeof(tk_slot_t));
     memset(enc->pair_rank, 0xff, 65536 * sizeof(uint32_t));
 
@@ -455,7 +470,9 @@ tk_encoding_parse(const unsigned char *data, size_t len, tk_pattern_e pattern,
     enc->memory = sizeof(tk_encoding_t) + total
                   + (enc->nids + 1) * sizeof(uint32_t) + enc->nids
                   + (enc->mask + 1) * sizeof(tk_slot_t)
-                  + 65536 * sizeof(uint32_t);
+                  + 65536 * sizeof(uint32_t)
+                  + enc->nids * sizeof(uint64_t)
+                  + ((size_t) 1 << (32 - enc->filter_shift)) / 8;
 
     if (tk_bpe_prepare(enc) != TK_OK) {
         snprintf(err, errlen, "out of memory");
@@ -490,6 +507,8 @@ tk_encoding_free(tk_encoding_t *enc)
     tk_free(&a, enc->offset);
     tk_free(&a, enc->present);
     tk_free(&a, enc->table);
+    tk_free(&a, enc->key);
+    tk_free(&a, enc->filter);
     tk_free(&a, enc->pair_rank);
     tk_free(&a, enc->split);
     tk_free(&a, enc->next_prefix);
@@ -577,8 +596,9 @@ tk_decode(const tk_encoding_t *enc, const uint32_t *ids, size_t n,
 static int
 tk_table_add(tk_encoding_t *enc, uint32_t id)
 {
-    size_t               len;
-    uint32_t             h, i;
+    size_t                len;
+    uint32_t              h, i;
+    uint64_t              k0;
     const unsigned char  *p;
 
     p = enc->bytes + enc->offset[id];
@@ -588,17 +608,21 @@ tk_table_add(tk_encoding_t *enc, uint32_t id)
         return TK_ERROR;
     }
 
-    h = tk_hash(p, len);
+    h = tk_key(p, len, &k0, &enc->key[id]);
+
+    i = (h * 0x9e3779b1U) >> enc->filter_shift;
+    enc->filter[i >> 6] |= 1ULL << (i & 63);
 
     for (i = h & enc->mask;
-         enc->table[i].id != TK_NONE;
+         enc->table[i].id_len != TK_SLOT_EMPTY;
          i = (i + 1) & enc->mask)
     {
         /* void */
     }
 
+    enc->table[i].k0 = k0;
     enc->table[i].hash = h;
-    enc->table[i].id = id;
+    enc->table[i].id_len = id << 12 | (uint32_t) len;
 
     return TK_OK;
 }

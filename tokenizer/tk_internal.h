@@ -23,10 +23,17 @@
 #define TK_MAX_TOKEN_LEN 1024
 
 
+/* a hash table slot: the first key word, the hash, the id and length */
+
 typedef struct {
+    uint64_t              k0;
     uint32_t              hash;
-    uint32_t              id;
+    uint32_t              id_len;
 } tk_slot_t;
+
+#define TK_SLOT_EMPTY    0xffffffffU
+#define tk_slot_id(s)    ((s)->id_len >> 12)
+#define tk_slot_len(s)   ((s)->id_len & 0xfff)
 
 
 struct tk_encoding_s {
@@ -42,6 +49,9 @@ struct tk_encoding_s {
     uint8_t              *present;      /* nids entries */
 
     tk_slot_t            *table;        /* bytes to rank */
+    uint64_t             *key;          /* nids: the second key words */
+    uint64_t             *filter;       /* one bit per hash, for misses */
+    uint32_t              filter_shift;
     uint32_t              mask;
 
     uint32_t             *pair_rank;    /* two bytes to rank, 65536 */
@@ -128,29 +138,35 @@ tk_class(uint32_t cp)
 }
 
 
+/*
+ * A token's key: its first and last eight bytes, or for shorter tokens
+ * loads that overlap; with the length, the key is the whole token up to
+ * 16 bytes, and longer tokens are compared in full.
+ */
+
 static inline uint32_t
-tk_hash(const unsigned char *p, size_t len)
+tk_key(const unsigned char *p, size_t len, uint64_t *k0, uint64_t *k1)
 {
-    uint64_t  h, w;
+    uint32_t  a, b;
+    uint64_t  h;
 
-    h = (uint64_t) len * 0x9e3779b97f4a7c15ULL;
+    if (len >= 8) {
+        memcpy(k0, p, 8);
+        memcpy(k1, p + len - 8, 8);
 
-    while (len >= 8) {
-        memcpy(&w, p, 8);
-        h = (h ^ w) * 0xbf58476d1ce4e5b9ULL;
-        h ^= h >> 31;
-        p += 8;
-        len -= 8;
+    } else if (len >= 4) {
+        memcpy(&a, p, 4);
+        memcpy(&b, p + len - 4, 4);
+        *k0 = a | (uint64_t) b << 32;
+        *k1 = 0;
+
+    } else {
+        *k0 = p[0] | (uint32_t) p[len >> 1] << 8 | (uint32_t) p[len - 1] << 16;
+        *k1 = 0;
     }
 
-    if (len) {
-        w = 0;
-        memcpy(&w, p, len);
-        h = (h ^ w) * 0x94d049bb133111ebULL;
-    }
-
-    h ^= h >> 29;
-    h *= 0xbf58476d1ce4e5b9ULL;
+    h = (*k0 ^ len) * 0x9e3779b97f4a7c15ULL;
+    h ^= (*k1 + (h >> 29)) * 0xbf58476d1ce4e5b9ULL;
 
     return (uint32_t) (h >> 32);
 }
@@ -160,25 +176,41 @@ static inline uint32_t
 tk_rank(const tk_encoding_t *enc, const unsigned char *p, size_t len)
 {
     uint32_t    h, i, id;
+    uint64_t    k0, k1;
     tk_slot_t  *s;
 
     if (len > enc->max_len) {
         return TK_NONE;
     }
 
-    h = tk_hash(p, len);
+    h = tk_key(p, len, &k0, &k1);
+
+    i = (h * 0x9e3779b1U) >> enc->filter_shift;
+
+    if ((enc->filter[i >> 6] & (1ULL << (i & 63))) == 0) {
+        return TK_NONE;
+    }
 
     for (i = h & enc->mask; /* void */; i = (i + 1) & enc->mask) {
         s = &enc->table[i];
-        id = s->id;
 
-        if (id == TK_NONE) {
+        if (s->id_len == TK_SLOT_EMPTY) {
             return TK_NONE;
         }
 
-        if (s->hash == h
-            && enc->offset[id + 1] - enc->offset[id] == len
-            && memcmp(enc->bytes + enc->offset[id], p, len) == 0)
+        if (s->k0 != k0 || s->hash != h || tk_slot_len(s) != len) {
+            continue;
+        }
+
+        id = tk_slot_id(s);
+
+        if (len <= 8) {
+            return id;
+        }
+
+        if (enc->key[id] == k1
+            && (len <= 16
+                || memcmp(enc->bytes + enc->offset[id], p, len) == 0))
         {
             return id;
         }

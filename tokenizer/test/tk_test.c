@@ -89,6 +89,7 @@ static void tk_test_invalid(tk_test_encoding_t *te);
 
 static size_t tk_test_codepoint_template(unsigned char *p, uint32_t cp);
 static size_t tk_test_contraction_template(unsigned char *p, uint32_t cp);
+static size_t tk_test_class_template(unsigned char *p, uint32_t cp);
 
 static void tk_test_make_a(tk_test_str_t *s);
 static void tk_test_make_spaces(tk_test_str_t *s);
@@ -231,6 +232,7 @@ main(int argc, char **argv)
         tk_test_long_inputs(te);
         tk_test_sweep(te, "codepoints.txt", tk_test_codepoint_template);
         tk_test_sweep(te, "contractions.txt", tk_test_contraction_template);
+        tk_test_sweep(te, "classes.txt", tk_test_class_template);
         tk_test_invalid(te);
 
         tk_encoding_free(te->enc);
@@ -955,6 +957,28 @@ tk_test_contraction_template(unsigned char *p, uint32_t cp)
     n += tk_test_utf8(p + n, cp);
     p[n++] = 'x';
     p[n++] = ' ';
+
+    return n;
+}
+
+
+static size_t
+tk_test_class_template(unsigned char *p, uint32_t cp)
+{
+    size_t  n;
+
+    n = 0;
+
+    p[n++] = 'x';
+    n += tk_test_utf8(p + n, cp);
+    memcpy(p + n, "'ll ", 4);
+    n += 4;
+    n += tk_test_utf8(p + n, cp);
+    memcpy(p + n, "1234   ", 7);
+    n += 7;
+    n += tk_test_utf8(p + n, cp);
+    p[n++] = '!';
+    p[n++] = '\n';
 
     return n;
 }
