@@ -10,6 +10,7 @@
  *   t/corpus/expected/<encoding>/long-<name>.ids  generated long inputs
  *   t/corpus/expected/<encoding>/codepoints.txt   code point sweep
  *   t/corpus/expected/<encoding>/contractions.txt contraction sweep
+ *   t/corpus/expected/<encoding>/classes.txt      character class sweep
  *
  * An .ids file is the ids separated by single spaces, then "\n".
  * The long inputs are described in t/corpus/expected/LONG.md and the
@@ -109,6 +110,26 @@ function contractionText(cps) {
         const c = String.fromCodePoint(cp);
 
         parts.push('\'' + c + ' a\'' + c + 'x ');
+    }
+
+    return parts.join('');
+}
+
+
+/*
+ * A code point whose bytes merge with none of their neighbours hides the
+ * pre-tokeniser's view of it; in these contexts its class still shows:
+ * a letter keeps "'ll" whole after it, a number takes "12" of "1234",
+ * white space takes the three spaces before it into one piece.
+ */
+
+function classText(cps) {
+    const parts = [];
+
+    for (const cp of cps) {
+        const c = String.fromCodePoint(cp);
+
+        parts.push('x' + c + '\'ll ' + c + '1234   ' + c + '!\n');
     }
 
     return parts.join('');
@@ -286,6 +307,11 @@ function main() {
                          sweep(enc, contractionText));
         console.log(name + ': contractions.txt, ' + (Date.now() - t)
                     + ' ms');
+
+        t = Date.now();
+        fs.writeFileSync(path.join(dir, 'classes.txt'),
+                         sweep(enc, classText));
+        console.log(name + ': classes.txt, ' + (Date.now() - t) + ' ms');
 
         enc.free();
     }
