@@ -1,9 +1,6 @@
 
 /*
  * Copyright (C) The token budget authors
- *
- * Placeholder: a minimal valid module so that the build and the test
- * harness can be exercised before the real module lands.
  */
 
 
@@ -11,28 +8,228 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "tk.h"
+#include <zlib.h>
+
+#include "ngx_http_token_budget.h"
+
+
+#define NGX_HTTP_TB_PASSED            1
+#define NGX_HTTP_TB_REJECTED          2
+#define NGX_HTTP_TB_REJECTED_DRY_RUN  3
+#define NGX_HTTP_TB_ERROR             4
+
+
+typedef struct {
+    ngx_array_t                  encodings;  /* ngx_http_tb_encoding_t */
+    ngx_array_t                  models;     /* ngx_http_tb_model_t */
+} ngx_http_tb_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                   enable;
+    ngx_uint_t                   format;
+    ngx_uint_t                   max_input;
+    ngx_uint_t                   reserve_output;
+    ngx_str_t                    header;
+    ngx_flag_t                   dry_run;
+    ngx_uint_t                   status;
+    ngx_flag_t                   clamp;
+    ngx_uint_t                   image_tokens;
+    ngx_uint_t                   estimate_margin;
+    size_t                       max_body;
+} ngx_http_tb_loc_conf_t;
+
+
+typedef struct {
+    ngx_uint_t                   done;
+    ngx_int_t                    rc;        /* for the phase handler */
+    ngx_uint_t                   decision;
+    ngx_uint_t                   format;
+    ngx_uint_t                   method;
+    ngx_str_t                    model;
+    uint64_t                     prompt;
+    uint64_t                     output;
+    ngx_str_t                    reason;
+    ngx_http_tb_error_t          error;
+} ngx_http_tb_ctx_t;
+
+
+static ngx_int_t ngx_http_tb_handler(ngx_http_request_t *r);
+static void ngx_http_tb_body_handler(ngx_http_request_t *r);
+static ngx_http_tb_ctx_t *ngx_http_tb_get_ctx(ngx_http_request_t *r);
+static void ngx_http_tb_cleanup(void *data);
+static ngx_uint_t ngx_http_tb_format(ngx_http_request_t *r,
+    ngx_http_tb_loc_conf_t *tlcf);
+static void ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx);
+static ngx_int_t ngx_http_tb_read_body(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, ngx_str_t *body, ngx_uint_t *decoded);
+static ngx_int_t ngx_http_tb_inflate(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, ngx_str_t *body);
+static ngx_int_t ngx_http_tb_clamp(ngx_http_request_t *r,
+    ngx_http_tb_count_t *c, uint64_t room);
+static ngx_int_t ngx_http_tb_replace_body(ngx_http_request_t *r,
+    ngx_str_t *body);
+static ngx_int_t ngx_http_tb_set_header(ngx_http_request_t *r,
+    ngx_str_t *name, ngx_str_t *value);
+static void ngx_http_tb_fail(ngx_http_tb_ctx_t *ctx, ngx_uint_t status,
+    const char *code, const char *message);
+static ngx_int_t ngx_http_tb_send_error(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx);
+static u_char *ngx_http_tb_escape(u_char *p, ngx_str_t *s);
+
+static ngx_int_t ngx_http_tb_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_tb_add_variables(ngx_conf_t *cf);
+static void *ngx_http_tb_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_tb_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_tb_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_tb_encoding(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_tb_model(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_tb_header(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_tb_margin(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static void *ngx_http_tb_alloc(void *data, size_t size);
+static void ngx_http_tb_free(void *data, void *p);
+static void ngx_http_tb_encoding_cleanup(void *data);
+static ngx_int_t ngx_http_tb_init(ngx_conf_t *cf);
+
+
+static ngx_conf_enum_t  ngx_http_tb_formats[] = {
+    { ngx_string("auto"), NGX_HTTP_TB_FORMAT_AUTO },
+    { ngx_string("chat"), NGX_HTTP_TB_FORMAT_CHAT },
+    { ngx_string("completions"), NGX_HTTP_TB_FORMAT_COMPLETIONS },
+    { ngx_string("embeddings"), NGX_HTTP_TB_FORMAT_EMBEDDINGS },
+    { ngx_string("responses"), NGX_HTTP_TB_FORMAT_RESPONSES },
+    { ngx_string("anthropic"), NGX_HTTP_TB_FORMAT_ANTHROPIC },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_conf_num_bounds_t  ngx_http_tb_status_bounds = {
+    ngx_conf_check_num_bounds, 400, 599
+};
+
+
+static ngx_command_t  ngx_http_tb_commands[] = {
+
+    { ngx_string("token_budget_encoding"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE2,
+      ngx_http_tb_encoding,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_budget_model"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_tb_model,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_budget"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, enable),
+      NULL },
+
+    { ngx_string("token_budget_format"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, format),
+      &ngx_http_tb_formats },
+
+    { ngx_string("token_budget_max_input"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, max_input),
+      NULL },
+
+    { ngx_string("token_budget_reserve_output"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, reserve_output),
+      NULL },
+
+    { ngx_string("token_budget_header"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_tb_header,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_budget_dry_run"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, dry_run),
+      NULL },
+
+    { ngx_string("token_budget_status"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, status),
+      &ngx_http_tb_status_bounds },
+
+    { ngx_string("token_budget_clamp"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, clamp),
+      NULL },
+
+    { ngx_string("token_budget_image_tokens"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, image_tokens),
+      NULL },
+
+    { ngx_string("token_budget_estimate_margin"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_tb_margin,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_budget_max_body"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, max_body),
+      NULL },
+
+      ngx_null_command
+};
 
 
 static ngx_http_module_t  ngx_http_token_budget_module_ctx = {
-    NULL,                                  /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+    ngx_http_tb_add_variables,             /* preconfiguration */
+    ngx_http_tb_init,                      /* postconfiguration */
 
-    NULL,                                  /* create main configuration */
+    ngx_http_tb_create_main_conf,          /* create main configuration */
     NULL,                                  /* init main configuration */
 
     NULL,                                  /* create server configuration */
     NULL,                                  /* merge server configuration */
 
-    NULL,                                  /* create location configuration */
-    NULL                                   /* merge location configuration */
+    ngx_http_tb_create_loc_conf,           /* create location configuration */
+    ngx_http_tb_merge_loc_conf             /* merge location configuration */
 };
 
 
 ngx_module_t  ngx_http_token_budget_module = {
     NGX_MODULE_V1,
     &ngx_http_token_budget_module_ctx,     /* module context */
-    NULL,                                  /* module directives */
+    ngx_http_tb_commands,                  /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
@@ -43,3 +240,1524 @@ ngx_module_t  ngx_http_token_budget_module = {
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
+
+
+#define NGX_HTTP_TB_VAR_PROMPT     0
+#define NGX_HTTP_TB_VAR_RESERVED   1
+#define NGX_HTTP_TB_VAR_OUTPUT     2
+#define NGX_HTTP_TB_VAR_MODEL      3
+#define NGX_HTTP_TB_VAR_METHOD     4
+#define NGX_HTTP_TB_VAR_STATUS     5
+#define NGX_HTTP_TB_VAR_REASON     6
+#define NGX_HTTP_TB_VAR_FORMAT     7
+
+
+static ngx_http_variable_t  ngx_http_tb_vars[] = {
+
+    { ngx_string("token_budget_prompt_tokens"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_PROMPT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_reserved_tokens"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_RESERVED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_output_tokens"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_OUTPUT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_model"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_MODEL, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_count_method"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_METHOD, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_status"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_STATUS, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_reason"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_REASON, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_format"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_FORMAT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+static ngx_str_t  ngx_http_tb_decisions[] = {
+    ngx_null_string,
+    ngx_string("PASSED"),
+    ngx_string("REJECTED"),
+    ngx_string("REJECTED_DRY_RUN"),
+    ngx_string("ERROR")
+};
+
+
+static ngx_str_t  ngx_http_tb_methods[] = {
+    ngx_string("exact"),
+    ngx_string("image_bound"),
+    ngx_string("estimate"),
+    ngx_string("estimate")
+};
+
+
+static ngx_str_t  ngx_http_tb_format_names[] = {
+    ngx_null_string,
+    ngx_string("chat"),
+    ngx_string("completions"),
+    ngx_string("embeddings"),
+    ngx_string("responses"),
+    ngx_string("anthropic")
+};
+
+
+static ngx_int_t
+ngx_http_tb_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                rc;
+    ngx_http_tb_ctx_t       *ctx;
+    ngx_pool_cleanup_t      *cln;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    if (r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    ctx = ngx_http_tb_get_ctx(r);
+
+    if (ctx != NULL) {
+        /* decided already, before an internal redirect, or reading */
+
+        if (!ctx->done) {
+            return NGX_DONE;
+        }
+
+        if (ctx->rc == NGX_DECLINED) {
+            return NGX_DECLINED;
+        }
+
+        rc = ngx_http_tb_send_error(r, ctx);
+        ctx->rc = NGX_DECLINED;
+
+        ngx_http_finalize_request(r, rc);
+        return NGX_DONE;
+    }
+
+    if (!tlcf->enable) {
+        return NGX_DECLINED;
+    }
+
+    if (r->method != NGX_HTTP_POST) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_tb_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->format = ngx_http_tb_format(r, tlcf);
+
+    if (ctx->format == NGX_HTTP_TB_FORMAT_AUTO) {
+        /* not an API that takes a prompt */
+        return NGX_DECLINED;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_tb_cleanup;
+    cln->data = ctx;
+
+    ngx_http_set_ctx(r, ctx, ngx_http_token_budget_module);
+
+    rc = ngx_http_read_client_request_body(r, ngx_http_tb_body_handler);
+
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        return rc;
+    }
+
+    ngx_http_finalize_request(r, NGX_DONE);
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_tb_body_handler(ngx_http_request_t *r)
+{
+    ngx_http_tb_ctx_t  *ctx;
+
+    ctx = ngx_http_tb_get_ctx(r);
+
+    ngx_http_tb_decide(r, ctx);
+
+    ctx->done = 1;
+
+    r->preserve_body = 1;
+
+    r->write_event_handler = ngx_http_core_run_phases;
+    ngx_http_core_run_phases(r);
+}
+
+
+/* the context survives internal redirects through the pool cleanup */
+
+static ngx_http_tb_ctx_t *
+ngx_http_tb_get_ctx(ngx_http_request_t *r)
+{
+    ngx_http_tb_ctx_t   *ctx;
+    ngx_pool_cleanup_t  *cln;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_token_budget_module);
+
+    if (ctx != NULL || !r->internal) {
+        return ctx;
+    }
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_tb_cleanup) {
+            ctx = cln->data;
+            ngx_http_set_ctx(r, ctx, ngx_http_token_budget_module);
+            break;
+        }
+    }
+
+    return ctx;
+}
+
+
+static void
+ngx_http_tb_cleanup(void *data)
+{
+    /* settlement of windowed budgets will happen here */
+}
+
+
+static ngx_uint_t
+ngx_http_tb_format(ngx_http_request_t *r, ngx_http_tb_loc_conf_t *tlcf)
+{
+    size_t   len;
+    u_char  *p;
+
+    if (tlcf->format != NGX_HTTP_TB_FORMAT_AUTO) {
+        return tlcf->format;
+    }
+
+    p = r->uri.data;
+    len = r->uri.len;
+
+    while (len > 1 && p[len - 1] == '/') {
+        len--;
+    }
+
+#define ngx_http_tb_ends(s)                                                   \
+    (len >= sizeof(s) - 1                                                     \
+     && ngx_strncmp(p + len - (sizeof(s) - 1), s, sizeof(s) - 1) == 0)
+
+    if (ngx_http_tb_ends("/chat/completions")) {
+        return NGX_HTTP_TB_FORMAT_CHAT;
+    }
+
+    if (ngx_http_tb_ends("/completions")) {
+        return NGX_HTTP_TB_FORMAT_COMPLETIONS;
+    }
+
+    if (ngx_http_tb_ends("/embeddings")) {
+        return NGX_HTTP_TB_FORMAT_EMBEDDINGS;
+    }
+
+    if (ngx_http_tb_ends("/responses")) {
+        return NGX_HTTP_TB_FORMAT_RESPONSES;
+    }
+
+    if (ngx_http_tb_ends("/messages")) {
+        return NGX_HTTP_TB_FORMAT_ANTHROPIC;
+    }
+
+#undef ngx_http_tb_ends
+
+    return NGX_HTTP_TB_FORMAT_AUTO;
+}
+
+
+static void
+ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
+{
+    u_char                   *p;
+    uint64_t                  limit, reserve, room, total;
+    ngx_int_t                 rc;
+    ngx_str_t                 body, err, value;
+    ngx_uint_t                decoded, estimate;
+    ngx_http_tb_count_t       c;
+    ngx_http_tb_loc_conf_t   *tlcf;
+    ngx_http_tb_main_conf_t  *tmcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_budget_module);
+
+    ctx->rc = NGX_DECLINED;
+    ctx->decision = NGX_HTTP_TB_ERROR;
+
+    if (r->request_body == NULL) {
+        ngx_http_tb_fail(ctx, NGX_HTTP_BAD_REQUEST, "invalid_request",
+                         "the request has no body");
+        goto reject;
+    }
+
+    rc = ngx_http_tb_read_body(r, ctx, &body, &decoded);
+
+    if (rc == NGX_DECLINED) {
+        goto reject;
+    }
+
+    if (rc != NGX_OK) {
+        goto internal;
+    }
+
+    if (decoded) {
+        /* upstreams take plain bodies: forward what was counted */
+
+        if (ngx_http_tb_replace_body(r, &body) != NGX_OK) {
+            goto internal;
+        }
+    }
+
+    ngx_memzero(&c, sizeof(ngx_http_tb_count_t));
+    c.format = ctx->format;
+    c.log = r->connection->log;
+    c.pool = r->pool;
+
+    rc = ngx_http_tb_json_parse(r->pool, body.data, body.len, &c.root, &err);
+
+    if (rc == NGX_DECLINED) {
+        ctx->error.status = NGX_HTTP_BAD_REQUEST;
+        ngx_str_set(&ctx->error.code, "invalid_json");
+        ctx->error.message = err;
+        goto reject;
+    }
+
+    if (rc != NGX_OK) {
+        goto internal;
+    }
+
+    rc = ngx_http_tb_count_body(&c, &tmcf->models, tlcf->image_tokens);
+
+    ctx->model = c.model_name;
+
+    if (rc == NGX_DECLINED) {
+        ctx->error = c.error;
+        goto reject;
+    }
+
+    if (rc != NGX_OK) {
+        goto internal;
+    }
+
+    ctx->method = c.method;
+    ctx->prompt = c.prompt;
+
+    if (c.format == NGX_HTTP_TB_FORMAT_EMBEDDINGS) {
+        reserve = 0;
+
+    } else if (c.output_field) {
+        reserve = c.output;
+
+    } else if (tlcf->reserve_output != NGX_CONF_UNSET_UINT) {
+        reserve = tlcf->reserve_output;
+
+    } else {
+        reserve = c.model->max_output;
+    }
+
+    ctx->output = reserve * c.choices;
+
+    estimate = (c.method & NGX_HTTP_TB_ESTIMATE) ? tlcf->estimate_margin : 0;
+
+    /* the per-request cap on the prompt */
+
+    if (tlcf->max_input
+        && c.prompt * 100 > (uint64_t) tlcf->max_input * (100 + estimate))
+    {
+        ctx->error.status = tlcf->status;
+        ngx_str_set(&ctx->reason, "max_input");
+        ngx_str_set(&ctx->error.code, "max_input_exceeded");
+
+        p = ngx_pnalloc(r->pool, 256);
+        if (p == NULL) {
+            goto internal;
+        }
+
+        ctx->error.message.data = p;
+        ctx->error.message.len = ngx_snprintf(p, 256,
+                "this request's prompt is %uL tokens, over the limit of %ui "
+                "tokens per request", c.prompt, tlcf->max_input) - p;
+
+        goto over;
+    }
+
+    /* the model's context window: the prompt and the output it may write */
+
+    limit = c.model->context;
+
+    if (c.format == NGX_HTTP_TB_FORMAT_EMBEDDINGS) {
+        total = c.largest_input;
+
+    } else {
+        total = c.prompt + reserve;
+    }
+
+    if (limit && total * 100 > limit * (100 + estimate)) {
+
+        room = (c.prompt < limit) ? limit - c.prompt : 0;
+
+        if (tlcf->clamp && room > 0
+            && c.format != NGX_HTTP_TB_FORMAT_EMBEDDINGS
+            && !(c.method & NGX_HTTP_TB_ESTIMATE))
+        {
+            rc = ngx_http_tb_clamp(r, &c, room);
+
+            if (rc == NGX_ERROR) {
+                goto internal;
+            }
+
+            reserve = room;
+            ctx->output = reserve * c.choices;
+
+        } else {
+            ctx->error.status = tlcf->status;
+            ngx_str_set(&ctx->reason, "context_length_exceeded");
+            ngx_str_set(&ctx->error.code, "context_length_exceeded");
+
+            p = ngx_pnalloc(r->pool, 256);
+            if (p == NULL) {
+                goto internal;
+            }
+
+            ctx->error.message.data = p;
+
+            if (c.format == NGX_HTTP_TB_FORMAT_EMBEDDINGS) {
+                ctx->error.message.len = ngx_snprintf(p, 256,
+                    "this model's maximum context length is %uL tokens, "
+                    "however an input has %uL tokens", limit, total) - p;
+
+            } else {
+                ctx->error.message.len = ngx_snprintf(p, 256,
+                    "this model's maximum context length is %uL tokens, "
+                    "however you requested %uL tokens (%uL in the messages, "
+                    "%uL in the completion)", limit, total, c.prompt, reserve)
+                    - p;
+            }
+
+            goto over;
+        }
+    }
+
+    ctx->decision = NGX_HTTP_TB_PASSED;
+
+    goto forward;
+
+over:
+
+    if (tlcf->dry_run) {
+        ctx->decision = NGX_HTTP_TB_REJECTED_DRY_RUN;
+
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "token budget: dry run, would reject: %V",
+                      &ctx->error.message);
+        goto forward;
+    }
+
+    ctx->decision = NGX_HTTP_TB_REJECTED;
+    ctx->rc = ctx->error.status;
+
+    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                  "token budget: rejected: %V", &ctx->error.message);
+    return;
+
+forward:
+
+    if (tlcf->header.len) {
+        value.data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (value.data == NULL) {
+            goto internal;
+        }
+
+        value.len = ngx_sprintf(value.data, "%uL", ctx->prompt) - value.data;
+
+        if (ngx_http_tb_set_header(r, &tlcf->header, &value) != NGX_OK) {
+            goto internal;
+        }
+    }
+
+    return;
+
+reject:
+
+    if (ctx->reason.len == 0) {
+        ctx->reason = ctx->error.code;
+    }
+
+    ctx->decision = NGX_HTTP_TB_ERROR;
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "token budget: bad request: %V", &ctx->error.message);
+
+    if (!tlcf->dry_run) {
+        ctx->rc = ctx->error.status;
+        return;
+    }
+
+    /* a dry run forwards it uncounted, without the client's count */
+
+    if (tlcf->header.len) {
+        ngx_str_null(&value);
+
+        if (ngx_http_tb_set_header(r, &tlcf->header, &value) != NGX_OK) {
+            goto internal;
+        }
+    }
+
+    return;
+
+internal:
+
+    ngx_http_tb_fail(ctx, NGX_HTTP_INTERNAL_SERVER_ERROR, "internal_error",
+                     "the token budget could not be checked");
+    ngx_str_set(&ctx->reason, "internal_error");
+    ctx->decision = NGX_HTTP_TB_ERROR;
+    ctx->rc = ctx->error.status;
+}
+
+
+/* the whole body in one buffer, decoded when it came compressed */
+
+static ngx_int_t
+ngx_http_tb_read_body(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_str_t *body, ngx_uint_t *decoded)
+{
+    u_char                  *p;
+    off_t                    len;
+    size_t                   size;
+    ssize_t                  n;
+    ngx_buf_t               *b;
+    ngx_str_t               *ct, *ce;
+    ngx_chain_t             *cl;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    *decoded = 0;
+
+    if (r->headers_in.content_type == NULL) {
+        ngx_http_tb_fail(ctx, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                         "unsupported_media_type",
+                         "the request must have Content-Type: "
+                         "application/json");
+        return NGX_DECLINED;
+    }
+
+    ct = &r->headers_in.content_type->value;
+
+    if (ct->len < 16
+        || ngx_strncasecmp(ct->data, (u_char *) "application/json", 16) != 0
+        || (ct->len > 16 && ct->data[16] != ';' && ct->data[16] != ' '))
+    {
+        ngx_http_tb_fail(ctx, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                         "unsupported_media_type",
+                         "the request must have Content-Type: "
+                         "application/json");
+        return NGX_DECLINED;
+    }
+
+    len = 0;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        len += ngx_buf_size(cl->buf);
+    }
+
+    if (len == 0) {
+        ngx_http_tb_fail(ctx, NGX_HTTP_BAD_REQUEST, "invalid_json",
+                         "the body is empty");
+        return NGX_DECLINED;
+    }
+
+    if (len > (off_t) tlcf->max_body) {
+        ngx_http_tb_fail(ctx, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                         "request_too_large",
+                         "the body is larger than token_budget_max_body");
+        return NGX_DECLINED;
+    }
+
+    size = (size_t) len;
+
+    p = ngx_pnalloc(r->pool, size);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    body->data = p;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (b->in_file && !ngx_buf_in_memory(b)) {
+            n = ngx_read_file(b->file, p, b->file_last - b->file_pos,
+                              b->file_pos);
+
+            if (n != b->file_last - b->file_pos) {
+                return NGX_ERROR;
+            }
+
+            p += n;
+            continue;
+        }
+
+        p = ngx_cpymem(p, b->pos, b->last - b->pos);
+    }
+
+    body->len = p - body->data;
+
+    ce = NULL;
+
+    {
+        ngx_uint_t        i;
+        ngx_list_part_t  *part;
+        ngx_table_elt_t  *h;
+
+        part = &r->headers_in.headers.part;
+        h = part->elts;
+
+        for (i = 0; /* void */; i++) {
+
+            if (i >= part->nelts) {
+                if (part->next == NULL) {
+                    break;
+                }
+
+                part = part->next;
+                h = part->elts;
+                i = 0;
+            }
+
+            if (h[i].key.len == 16
+                && ngx_strncasecmp(h[i].key.data,
+                                   (u_char *) "Content-Encoding", 16) == 0)
+            {
+                if (ce != NULL) {
+                    ngx_http_tb_fail(ctx, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                                     "unsupported_media_type",
+                                     "more than one Content-Encoding");
+                    return NGX_DECLINED;
+                }
+
+                ce = &h[i].value;
+            }
+        }
+    }
+
+    if (ce == NULL || (ce->len == 8
+                       && ngx_strncasecmp(ce->data, (u_char *) "identity", 8)
+                          == 0))
+    {
+        return NGX_OK;
+    }
+
+    if ((ce->len == 4 && ngx_strncasecmp(ce->data, (u_char *) "gzip", 4) == 0)
+        || (ce->len == 7
+            && ngx_strncasecmp(ce->data, (u_char *) "deflate", 7) == 0))
+    {
+        *decoded = 1;
+        return ngx_http_tb_inflate(r, ctx, body);
+    }
+
+    ngx_http_tb_fail(ctx, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                     "unsupported_media_type",
+                     "the body's Content-Encoding is not supported");
+    return NGX_DECLINED;
+}
+
+
+static ngx_int_t
+ngx_http_tb_inflate(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_str_t *body)
+{
+    int                      rc;
+    u_char                  *out, *p;
+    size_t                   size;
+    z_stream                 z;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    ngx_memzero(&z, sizeof(z_stream));
+
+    /* zlib or gzip, told apart by the header */
+
+    if (inflateInit2(&z, MAX_WBITS + 32) != Z_OK) {
+        return NGX_ERROR;
+    }
+
+    size = ngx_min(tlcf->max_body, ngx_max(4 * body->len, 65536));
+    out = NULL;
+
+    z.next_in = body->data;
+    z.avail_in = body->len;
+
+    for ( ;; ) {
+        p = ngx_pnalloc(r->pool, size);
+        if (p == NULL) {
+            inflateEnd(&z);
+            return NGX_ERROR;
+        }
+
+        if (out != NULL) {
+            ngx_memcpy(p, out, z.total_out);
+        }
+
+        out = p;
+        z.next_out = out + z.total_out;
+        z.avail_out = size - z.total_out;
+
+        rc = inflate(&z, Z_FINISH);
+
+        if (rc == Z_STREAM_END) {
+            break;
+        }
+
+        if ((rc == Z_BUF_ERROR || rc == Z_OK) && z.avail_out == 0
+            && size < tlcf->max_body)
+        {
+            size = ngx_min(2 * size, tlcf->max_body);
+            continue;
+        }
+
+        inflateEnd(&z);
+
+        if (z.avail_out == 0) {
+            ngx_http_tb_fail(ctx, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                             "request_too_large",
+                             "the decoded body is larger than "
+                             "token_budget_max_body");
+
+        } else {
+            ngx_http_tb_fail(ctx, NGX_HTTP_BAD_REQUEST, "invalid_encoding",
+                             "the body could not be decoded");
+        }
+
+        return NGX_DECLINED;
+    }
+
+    if (z.avail_in != 0) {
+        inflateEnd(&z);
+        ngx_http_tb_fail(ctx, NGX_HTTP_BAD_REQUEST, "invalid_encoding",
+                         "the body has data after its compressed stream");
+        return NGX_DECLINED;
+    }
+
+    body->data = out;
+    body->len = z.total_out;
+
+    inflateEnd(&z);
+
+    return NGX_OK;
+}
+
+
+/* max_tokens in the forwarded body, lowered to what fits */
+
+static ngx_int_t
+ngx_http_tb_clamp(ngx_http_request_t *r, ngx_http_tb_count_t *c,
+    uint64_t room)
+{
+    u_char              *p;
+    ngx_str_t            body;
+    ngx_http_tb_json_t  *v, *last;
+
+    p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    v = c->output_field;
+
+    if (v == NULL) {
+        v = ngx_pcalloc(r->pool, sizeof(ngx_http_tb_json_t));
+        if (v == NULL) {
+            return NGX_ERROR;
+        }
+
+        switch (c->format) {
+
+        case NGX_HTTP_TB_FORMAT_CHAT:
+            ngx_str_set(&v->key, "max_completion_tokens");
+            break;
+
+        case NGX_HTTP_TB_FORMAT_RESPONSES:
+            ngx_str_set(&v->key, "max_output_tokens");
+            break;
+
+        default:
+            ngx_str_set(&v->key, "max_tokens");
+            break;
+        }
+
+        for (last = c->root->first; last && last->next; last = last->next) {
+            /* void */
+        }
+
+        if (last) {
+            last->next = v;
+
+        } else {
+            c->root->first = v;
+        }
+
+        c->root->n++;
+    }
+
+    v->type = NGX_HTTP_TB_JSON_NUMBER;
+    v->str.data = p;
+    v->str.len = ngx_sprintf(p, "%uL", room) - p;
+
+    if (ngx_http_tb_json_print(r->pool, c->root, &body) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_tb_replace_body(r, &body);
+}
+
+
+static ngx_int_t
+ngx_http_tb_replace_body(ngx_http_request_t *r, ngx_str_t *body)
+{
+    ngx_buf_t        *b;
+    ngx_str_t         name, value;
+    ngx_chain_t      *cl;
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->pos = body->data;
+    b->last = body->data + body->len;
+    b->start = b->pos;
+    b->end = b->last;
+    b->memory = 1;
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    r->request_body->bufs = cl;
+    r->request_body->temp_file = NULL;
+    r->headers_in.content_length_n = body->len;
+
+    /* the body goes up decoded */
+
+    ngx_str_set(&name, "Content-Encoding");
+    ngx_str_null(&value);
+
+    return ngx_http_tb_set_header(r, &name, &value);
+}
+
+
+/*
+ * sets a request header for the upstream, replacing whatever the client
+ * sent under that name; an empty value removes the header
+ */
+
+static ngx_int_t
+ngx_http_tb_set_header(ngx_http_request_t *r, ngx_str_t *name,
+    ngx_str_t *value)
+{
+    ngx_uint_t        i, found;
+    ngx_list_t        list;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h, *nh;
+
+    if (ngx_list_init(&list, r->pool, 20, sizeof(ngx_table_elt_t))
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    found = 0;
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == name->len
+            && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
+        {
+            found = 1;
+            continue;
+        }
+
+        nh = ngx_list_push(&list);
+        if (nh == NULL) {
+            return NGX_ERROR;
+        }
+
+        *nh = h[i];
+    }
+
+    if (!found && value->len == 0) {
+        return NGX_OK;
+    }
+
+    if (value->len) {
+        nh = ngx_list_push(&list);
+        if (nh == NULL) {
+            return NGX_ERROR;
+        }
+
+        nh->key = *name;
+        nh->value = *value;
+
+        nh->lowcase_key = ngx_pnalloc(r->pool, name->len);
+        if (nh->lowcase_key == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_strlow(nh->lowcase_key, name->data, name->len);
+        nh->hash = ngx_hash_key(nh->lowcase_key, name->len);
+    }
+
+    r->headers_in.headers = list;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_tb_fail(ngx_http_tb_ctx_t *ctx, ngx_uint_t status, const char *code,
+    const char *message)
+{
+    ctx->error.status = status;
+    ctx->error.code.data = (u_char *) code;
+    ctx->error.code.len = ngx_strlen(code);
+    ctx->error.message.data = (u_char *) message;
+    ctx->error.message.len = ngx_strlen(message);
+}
+
+
+/* an error body shaped like the provider's own */
+
+static ngx_int_t
+ngx_http_tb_send_error(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
+{
+    size_t        len;
+    u_char       *p;
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_str_t     type;
+    ngx_chain_t   out;
+
+    switch (ctx->error.status) {
+
+    case NGX_HTTP_INTERNAL_SERVER_ERROR:
+        ngx_str_set(&type, "api_error");
+        break;
+
+    case NGX_HTTP_TOO_MANY_REQUESTS:
+        ngx_str_set(&type, "rate_limit_error");
+        break;
+
+    case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
+        if (ctx->format == NGX_HTTP_TB_FORMAT_ANTHROPIC) {
+            ngx_str_set(&type, "request_too_large");
+            break;
+        }
+
+        /* fall through */
+
+    default:
+        ngx_str_set(&type, "invalid_request_error");
+        break;
+    }
+
+    len = sizeof("{\"type\":\"error\",\"error\":{\"type\":\"\",\"message\":\"\","
+                 "\"param\":null,\"code\":\"\"}}\n")
+          + type.len + 6 * ctx->error.message.len + 6 * ctx->error.code.len;
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = b->last;
+
+    if (ctx->format == NGX_HTTP_TB_FORMAT_ANTHROPIC) {
+        p = ngx_sprintf(p, "{\"type\":\"error\",\"error\":{\"type\":\"%V\","
+                           "\"message\":\"", &type);
+        p = ngx_http_tb_escape(p, &ctx->error.message);
+        p = ngx_cpymem(p, "\"}}\n", 4);
+
+    } else {
+        p = ngx_cpymem(p, "{\"error\":{\"message\":\"", 21);
+        p = ngx_http_tb_escape(p, &ctx->error.message);
+        p = ngx_sprintf(p, "\",\"type\":\"%V\",\"param\":null,\"code\":\"",
+                        &type);
+        p = ngx_http_tb_escape(p, &ctx->error.code);
+        p = ngx_cpymem(p, "\"}}\n", 4);
+    }
+
+    b->last = p;
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = ctx->error.status;
+    r->headers_out.content_length_n = b->last - b->pos;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+static u_char *
+ngx_http_tb_escape(u_char *p, ngx_str_t *s)
+{
+    return (u_char *) ngx_escape_json(p, s->data, s->len);
+}
+
+
+static ngx_int_t
+ngx_http_tb_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
+    uintptr_t data)
+{
+    u_char             *p;
+    ngx_str_t           s;
+    ngx_http_tb_ctx_t  *ctx;
+
+    ctx = ngx_http_tb_get_ctx(r->main);
+
+    if (ctx == NULL || !ctx->done) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    ngx_str_null(&s);
+
+    switch (data) {
+
+    case NGX_HTTP_TB_VAR_PROMPT:
+    case NGX_HTTP_TB_VAR_RESERVED:
+    case NGX_HTTP_TB_VAR_OUTPUT:
+
+        if (ctx->decision == NGX_HTTP_TB_ERROR) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_sprintf(p, "%uL",
+                            data == NGX_HTTP_TB_VAR_PROMPT ? ctx->prompt
+                            : data == NGX_HTTP_TB_VAR_OUTPUT ? ctx->output
+                            : ctx->prompt + ctx->output)
+                - p;
+        break;
+
+    case NGX_HTTP_TB_VAR_MODEL:
+        s = ctx->model;
+        break;
+
+    case NGX_HTTP_TB_VAR_METHOD:
+        if (ctx->decision != NGX_HTTP_TB_ERROR) {
+            s = ngx_http_tb_methods[ctx->method & 3];
+        }
+        break;
+
+    case NGX_HTTP_TB_VAR_STATUS:
+        s = ngx_http_tb_decisions[ctx->decision];
+        break;
+
+    case NGX_HTTP_TB_VAR_REASON:
+        s = ctx->reason;
+        break;
+
+    default: /* NGX_HTTP_TB_VAR_FORMAT */
+        s = ngx_http_tb_format_names[ctx->format];
+        break;
+    }
+
+    if (s.len == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->len = s.len;
+    v->data = s.data;
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_tb_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_tb_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_tb_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_tb_main_conf_t  *tmcf;
+
+    tmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_tb_main_conf_t));
+    if (tmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&tmcf->encodings, cf->pool, 4,
+                       sizeof(ngx_http_tb_encoding_t))
+        != NGX_OK
+        || ngx_array_init(&tmcf->models, cf->pool, 32,
+                          sizeof(ngx_http_tb_model_t))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return tmcf;
+}
+
+
+static void *
+ngx_http_tb_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_tb_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_tb_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->header = { 0, NULL };
+     */
+
+    conf->enable = NGX_CONF_UNSET;
+    conf->format = NGX_CONF_UNSET_UINT;
+    conf->max_input = NGX_CONF_UNSET_UINT;
+    conf->reserve_output = NGX_CONF_UNSET_UINT;
+    conf->dry_run = NGX_CONF_UNSET;
+    conf->status = NGX_CONF_UNSET_UINT;
+    conf->clamp = NGX_CONF_UNSET;
+    conf->image_tokens = NGX_CONF_UNSET_UINT;
+    conf->estimate_margin = NGX_CONF_UNSET_UINT;
+    conf->max_body = NGX_CONF_UNSET_SIZE;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_tb_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_tb_loc_conf_t *prev = parent;
+    ngx_http_tb_loc_conf_t *conf = child;
+
+    ngx_http_tb_main_conf_t  *tmcf;
+
+    ngx_conf_merge_value(conf->enable, prev->enable, 0);
+    ngx_conf_merge_uint_value(conf->format, prev->format,
+                              NGX_HTTP_TB_FORMAT_AUTO);
+    ngx_conf_merge_uint_value(conf->max_input, prev->max_input, 0);
+
+    if (conf->reserve_output == NGX_CONF_UNSET_UINT) {
+        conf->reserve_output = prev->reserve_output;
+    }
+
+    if (conf->header.data == NULL) {
+        if (prev->header.data) {
+            conf->header = prev->header;
+
+        } else {
+            ngx_str_set(&conf->header, "X-Token-Count");
+        }
+    }
+
+    ngx_conf_merge_value(conf->dry_run, prev->dry_run, 0);
+    ngx_conf_merge_uint_value(conf->status, prev->status,
+                              NGX_HTTP_REQUEST_ENTITY_TOO_LARGE);
+    ngx_conf_merge_value(conf->clamp, prev->clamp, 0);
+    ngx_conf_merge_uint_value(conf->image_tokens, prev->image_tokens, 1600);
+    ngx_conf_merge_uint_value(conf->estimate_margin, prev->estimate_margin,
+                              10);
+    ngx_conf_merge_size_value(conf->max_body, prev->max_body,
+                              32 * 1024 * 1024);
+
+    if (conf->enable) {
+        tmcf = ngx_http_conf_get_module_main_conf(cf,
+                                                 ngx_http_token_budget_module);
+
+        if (tmcf->models.nelts == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"token_budget\" is on, but no "
+                               "\"token_budget_model\" is defined");
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_tb_encoding(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_tb_main_conf_t *tmcf = conf;
+
+    char                     err[256];
+    ngx_str_t               *value, path;
+    ngx_uint_t               i;
+    tk_pattern_e             pattern;
+    tk_allocator_t           allocator;
+    ngx_pool_cleanup_t      *cln;
+    ngx_http_tb_encoding_t  *e;
+
+    value = cf->args->elts;
+
+    e = tmcf->encodings.elts;
+
+    for (i = 0; i < tmcf->encodings.nelts; i++) {
+        if (e[i].name.len == value[1].len
+            && ngx_strncmp(e[i].name.data, value[1].data, value[1].len) == 0)
+        {
+            return "is duplicate";
+        }
+    }
+
+    if (tk_pattern_by_name((char *) value[1].data, &pattern) != TK_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "unknown encoding \"%V\", expected r50k_base, "
+                           "p50k_base, cl100k_base or o200k_base", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    path = value[2];
+
+    if (ngx_conf_full_name(cf->cycle, &path, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    allocator.alloc = ngx_http_tb_alloc;
+    allocator.free = ngx_http_tb_free;
+    allocator.data = cf->log;
+
+    e = ngx_array_push(&tmcf->encodings);
+    if (e == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    e->name = value[1];
+    e->pattern = pattern;
+    e->enc = tk_encoding_load((char *) path.data, pattern, &allocator, err,
+                              sizeof(err));
+
+    if (e->enc == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "cannot load encoding \"%V\": %s", &value[1], err);
+        return NGX_CONF_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
+        tk_encoding_free(e->enc);
+        return NGX_CONF_ERROR;
+    }
+
+    cln->handler = ngx_http_tb_encoding_cleanup;
+    cln->data = e->enc;
+
+    ngx_log_error(NGX_LOG_INFO, cf->log, 0,
+                  "token budget: encoding \"%V\" loaded, %uD tokens, %uz bytes",
+                  &value[1], tk_encoding_vocab_size(e->enc),
+                  tk_encoding_memory(e->enc));
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_tb_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_tb_main_conf_t *tmcf = conf;
+
+    ngx_int_t                n;
+    ngx_str_t               *value, s;
+    ngx_uint_t               i;
+    ngx_http_tb_model_t     *m;
+    ngx_http_tb_encoding_t  *e;
+
+    value = cf->args->elts;
+
+    m = ngx_array_push(&tmcf->models);
+    if (m == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(m, sizeof(ngx_http_tb_model_t));
+
+    m->pattern = value[1];
+
+    if (m->pattern.len && m->pattern.data[m->pattern.len - 1] == '*') {
+        m->pattern.len--;
+        m->prefix = 1;
+    }
+
+    if (ngx_strlchr(m->pattern.data, m->pattern.data + m->pattern.len, '*')) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid model pattern \"%V\", only a trailing "
+                           "\"*\" is allowed", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    e = tmcf->encodings.elts;
+
+    for (i = 0; i < tmcf->encodings.nelts; i++) {
+        if (e[i].name.len == value[2].len
+            && ngx_strncmp(e[i].name.data, value[2].data, value[2].len) == 0)
+        {
+            m->encoding = &e[i];
+            break;
+        }
+    }
+
+    if (m->encoding == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "model \"%V\" uses encoding \"%V\", which no "
+                           "\"token_budget_encoding\" before it loads",
+                           &value[1], &value[2]);
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 3; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "context=", 8) == 0) {
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+
+            n = ngx_atoi(s.data, s.len);
+            if (n <= 0) {
+                goto invalid;
+            }
+
+            m->context = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "max_output=", 11) == 0) {
+            s.data = value[i].data + 11;
+            s.len = value[i].len - 11;
+
+            n = ngx_atoi(s.data, s.len);
+            if (n <= 0) {
+                goto invalid;
+            }
+
+            m->max_output = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "estimate=", 9) == 0) {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+            if (s.len && s.data[s.len - 1] == '%') {
+                s.len--;
+            }
+
+            n = ngx_atoi(s.data, s.len);
+            if (n <= 0 || n > 1000) {
+                goto invalid;
+            }
+
+            m->estimate = n;
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (m->context && m->max_output > m->context) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "model \"%V\": max_output is larger than its "
+                           "context", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_tb_header(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_tb_loc_conf_t *tlcf = conf;
+
+    ngx_str_t   *value;
+    ngx_uint_t   i;
+
+    if (tlcf->header.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        ngx_str_set(&tlcf->header, "");
+        return NGX_CONF_OK;
+    }
+
+    for (i = 0; i < value[1].len; i++) {
+        if (!((value[1].data[i] >= 'a' && value[1].data[i] <= 'z')
+              || (value[1].data[i] >= 'A' && value[1].data[i] <= 'Z')
+              || (value[1].data[i] >= '0' && value[1].data[i] <= '9')
+              || value[1].data[i] == '-' || value[1].data[i] == '_'))
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid header name \"%V\"", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    tlcf->header = value[1];
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_tb_margin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_tb_loc_conf_t *tlcf = conf;
+
+    ngx_int_t   n;
+    ngx_str_t  *value, s;
+
+    if (tlcf->estimate_margin != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    s = value[1];
+
+    if (s.len && s.data[s.len - 1] == '%') {
+        s.len--;
+    }
+
+    n = ngx_atoi(s.data, s.len);
+
+    if (n == NGX_ERROR || n > 100) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid margin \"%V\", expected 0%% to 100%%",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    tlcf->estimate_margin = n;
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_tb_alloc(void *data, size_t size)
+{
+    return ngx_alloc(size, ngx_cycle->log);
+}
+
+
+static void
+ngx_http_tb_free(void *data, void *p)
+{
+    ngx_free(p);
+}
+
+
+static void
+ngx_http_tb_encoding_cleanup(void *data)
+{
+    tk_encoding_free(data);
+}
+
+
+static ngx_int_t
+ngx_http_tb_init(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_tb_handler;
+
+    return NGX_OK;
+}
