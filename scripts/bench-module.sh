@@ -1,0 +1,139 @@
+#!/bin/sh
+# Token budget: proxy throughput and added latency with the module on and
+# off.  One nginx, two servers: the gateway on one port proxying to a
+# second server on another port that answers every POST with a fixed JSON
+# body, so that the upstream costs next to nothing.  wrk sends the POSTs.
+#
+#   sh scripts/bench-module.sh [SECONDS]
+
+set -e
+
+cd "$(dirname "$0")/.."
+
+repo=$PWD
+secs=${1:-10}
+dir=$repo/build/bench-module
+nginx=${NGINX:-/usr/sbin/nginx}
+port=18480
+upport=18481
+
+make -s module
+
+rm -rf "$dir"
+mkdir -p "$dir/logs"
+
+# bodies: a 4 KB chat request and a 500 KB one (about 128K tokens)
+
+node -e '
+const fs = require("fs");
+const text = fs.readFileSync("t/corpus/english.txt", "utf8");
+function body(size, model) {
+    let s = "";
+    while (s.length < size) s += text;
+    s = s.slice(0, size);
+    return JSON.stringify({model: model, max_tokens: 64, messages: [
+        {role: "system", content: "You are a helpful assistant."},
+        {role: "user", content: s}]});
+}
+fs.writeFileSync(process.argv[1] + "/small.json", body(3900, "gpt-4o"));
+fs.writeFileSync(process.argv[1] + "/large.json", body(500000, "gpt-4.1"));
+' "$dir"
+
+cat > "$dir/post.lua" <<'END'
+local f = io.open(os.getenv("TB_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+END
+
+cat > "$dir/nginx.conf" <<END
+load_module $repo/build/ngx_http_token_budget_module.so;
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+    token_budget_encoding o200k_base $repo/data/o200k_base.tiktoken;
+    token_budget_encoding cl100k_base $repo/data/cl100k_base.tiktoken;
+    include $repo/data/models.conf;
+
+    access_log off;
+    client_body_temp_path $dir/client_body_temp;
+    proxy_temp_path $dir/proxy_temp;
+    fastcgi_temp_path $dir/fastcgi_temp;
+    uwsgi_temp_path $dir/uwsgi_temp;
+    scgi_temp_path $dir/scgi_temp;
+    client_max_body_size 4m;
+    client_body_buffer_size 1m;
+
+    upstream llm {
+        server 127.0.0.1:$upport;
+        keepalive 32;
+    }
+
+    server {
+        listen 127.0.0.1:$port;
+
+        location /on/v1/ {
+            token_budget on;
+            proxy_pass http://llm/v1/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+
+        location /off/v1/ {
+            proxy_pass http://llm/v1/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+
+    server {
+        listen 127.0.0.1:$upport;
+        location / {
+            client_body_buffer_size 1m;
+            default_type application/json;
+            return 200 '{"id":"x","object":"chat.completion","choices":[]}';
+        }
+    }
+}
+END
+
+"$nginx" -p "$dir/" -c "$dir/nginx.conf"
+trap '"$nginx" -p "$dir/" -c "$dir/nginx.conf" -s quit 2>/dev/null || true' EXIT
+sleep 1
+
+rps() {
+    TB_BODY=$dir/$2.json wrk -t1 -c"$3" -d"${secs}s" -s "$dir/post.lua" \
+        "http://127.0.0.1:$port/$1/v1/chat/completions" > "$dir/wrk.out"
+    awk '/Requests\/sec/ { print $2 }' "$dir/wrk.out"
+}
+
+latency() {
+    TB_BODY=$dir/$2.json wrk -t1 -c1 -d"${secs}s" --latency \
+        -s "$dir/post.lua" \
+        "http://127.0.0.1:$port/$1/v1/chat/completions" > "$dir/wrk.out"
+    awk '$1 == "Latency" && NF == 5 { print $2; exit }
+         $1 == "50%" { p50 = $2 } $1 == "99%" { print "p50 " p50 " p99 " $2 }' \
+        "$dir/wrk.out" | tr '\n' ' '
+    echo
+}
+
+curl -s -o /dev/null -w "check: %{http_code}\n" \
+    -H 'Content-Type: application/json' --data-binary @"$dir/large.json" \
+    "http://127.0.0.1:$port/on/v1/chat/completions"
+
+on=$(rps on small 16)
+off=$(rps off small 16)
+
+echo "4 KB chat body, 16 connections, $secs s each:"
+echo "  module off: $off requests/s"
+echo "  module on:  $on requests/s"
+awk -v on="$on" -v off="$off" \
+    'BEGIN { printf "  ratio:      %.1f%%\n", 100 * on / off }'
+
+echo "500 KB chat body, one connection, mean / p50 / p99 latency:"
+echo "  module off: $(latency off large)"
+echo "  module on:  $(latency on large)"
