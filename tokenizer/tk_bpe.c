@@ -68,7 +68,7 @@ tk_bpe(const tk_encoding_t *enc, const unsigned char *p, size_t n,
         return TK_OK;
     }
 
-    id = tk_rank(enc, p, n);
+    id = tk_rank_whole(enc, p, n);
 
     if (id != TK_NONE) {
         tk_emit(out, id);

@@ -14,6 +14,9 @@
 
 
 #define TK_NONE          0xffffffffU
+
+/* every class bit and "no class": what an inverted class set takes in */
+#define TK_U_ALL         0x100
 #define TK_INVALID_CP    0x110000
 
 /* pieces up to this length are merged in place, longer ones backtrack */
@@ -76,65 +79,48 @@ typedef struct {
 } tk_out_t;
 
 
-static inline uint32_t
+#if defined(__GNUC__)
+#define tk_inline  static inline __attribute__((always_inline))
+#else
+#define tk_inline  static inline
+#endif
+
+
+extern const uint8_t  tk_ascii_class[128];
+
+uint32_t tk_utf8_decode(const unsigned char **pp, const unsigned char *end);
+
+
+/* the next character; a byte that starts no valid sequence stands alone */
+
+tk_inline uint32_t
 tk_utf8_next(const unsigned char **pp, const unsigned char *end)
 {
-    uint32_t              c, cp;
-    const unsigned char  *p;
+    uint32_t  c;
 
-    p = *pp;
-    c = p[0];
+    c = **pp;
 
     if (c < 0x80) {
-        *pp = p + 1;
+        (*pp)++;
         return c;
     }
 
-    if (c >= 0xc2 && c <= 0xdf) {
-        if (end - p >= 2 && (p[1] & 0xc0) == 0x80) {
-            *pp = p + 2;
-            return ((c & 0x1f) << 6) | (p[1] & 0x3f);
-        }
-
-    } else if (c >= 0xe0 && c <= 0xef) {
-        if (end - p >= 3 && (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80) {
-            cp = ((c & 0x0f) << 12) | ((p[1] & 0x3f) << 6) | (p[2] & 0x3f);
-
-            if (cp >= 0x800 && (cp < 0xd800 || cp > 0xdfff)) {
-                *pp = p + 3;
-                return cp;
-            }
-        }
-
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        if (end - p >= 4 && (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80
-            && (p[3] & 0xc0) == 0x80)
-        {
-            cp = ((c & 0x07) << 18) | ((p[1] & 0x3f) << 12)
-                 | ((p[2] & 0x3f) << 6) | (p[3] & 0x3f);
-
-            if (cp >= 0x10000 && cp <= 0x10ffff) {
-                *pp = p + 4;
-                return cp;
-            }
-        }
-    }
-
-    /* an invalid byte stands alone, as a character of no class */
-
-    *pp = p + 1;
-    return TK_INVALID_CP;
+    return tk_utf8_decode(pp, end);
 }
 
 
-static inline unsigned
+tk_inline unsigned
 tk_class(uint32_t cp)
 {
-    if (cp >= TK_INVALID_CP) {
-        return 0;
+    if (cp < 0x80) {
+        return tk_ascii_class[cp] | TK_U_ALL;
     }
 
-    return tk_unicode_class(cp);
+    if (cp >= TK_INVALID_CP) {
+        return TK_U_ALL;
+    }
+
+    return tk_unicode_class(cp) | TK_U_ALL;
 }
 
 
@@ -144,7 +130,7 @@ tk_class(uint32_t cp)
  * 16 bytes, and longer tokens are compared in full.
  */
 
-static inline uint32_t
+tk_inline uint32_t
 tk_key(const unsigned char *p, size_t len, uint64_t *k0, uint64_t *k1)
 {
     uint32_t  a, b;
@@ -172,8 +158,9 @@ tk_key(const unsigned char *p, size_t len, uint64_t *k0, uint64_t *k1)
 }
 
 
-static inline uint32_t
-tk_rank(const tk_encoding_t *enc, const unsigned char *p, size_t len)
+tk_inline uint32_t
+tk_lookup(const tk_encoding_t *enc, const unsigned char *p, size_t len,
+    int filter)
 {
     uint32_t    h, i, id;
     uint64_t    k0, k1;
@@ -185,10 +172,12 @@ tk_rank(const tk_encoding_t *enc, const unsigned char *p, size_t len)
 
     h = tk_key(p, len, &k0, &k1);
 
-    i = (h * 0x9e3779b1U) >> enc->filter_shift;
+    if (filter) {
+        i = (h * 0x9e3779b1U) >> enc->filter_shift;
 
-    if ((enc->filter[i >> 6] & (1ULL << (i & 63))) == 0) {
-        return TK_NONE;
+        if ((enc->filter[i >> 6] & (1ULL << (i & 63))) == 0) {
+            return TK_NONE;
+        }
     }
 
     for (i = h & enc->mask; /* void */; i = (i + 1) & enc->mask) {
@@ -216,6 +205,12 @@ tk_rank(const tk_encoding_t *enc, const unsigned char *p, size_t len)
         }
     }
 }
+
+
+/* a lookup that is likely to miss goes through the filter first */
+
+#define tk_rank(enc, p, len)       tk_lookup(enc, p, len, 1)
+#define tk_rank_whole(enc, p, len) tk_lookup(enc, p, len, 0)
 
 
 static inline size_t

@@ -36,8 +36,8 @@ typedef const unsigned char  *tk_ptr_t;
 
 
 static tk_ptr_t tk_contraction(tk_ptr_t p, tk_ptr_t end, int icase);
-static tk_ptr_t tk_skip(tk_ptr_t p, tk_ptr_t end, unsigned in, unsigned out);
-static tk_ptr_t tk_punct(tk_ptr_t p, tk_ptr_t end);
+static tk_ptr_t tk_skip_slow(tk_ptr_t p, tk_ptr_t end, unsigned in,
+    unsigned out);
 static tk_ptr_t tk_digits(tk_ptr_t p, tk_ptr_t end, int max);
 static tk_ptr_t tk_space(tk_ptr_t p, tk_ptr_t end, int newlines);
 static tk_ptr_t tk_scan_r50k(tk_ptr_t p, tk_ptr_t end);
@@ -46,6 +46,69 @@ static tk_ptr_t tk_scan_o200k(tk_ptr_t p, tk_ptr_t end);
 static tk_ptr_t tk_o200k_suffix(tk_ptr_t p, tk_ptr_t end);
 static tk_ptr_t tk_o200k_lower(tk_ptr_t i, tk_ptr_t end);
 static tk_ptr_t tk_o200k_upper(tk_ptr_t i, tk_ptr_t end);
+
+
+/* the classes of ASCII, as in the Unicode tables */
+
+const uint8_t  tk_ascii_class[128] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, TK_U_WS, TK_U_WS, TK_U_WS, TK_U_WS, TK_U_WS,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    TK_U_WS, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    TK_U_N, TK_U_N, TK_U_N, TK_U_N, TK_U_N,
+    TK_U_N, TK_U_N, TK_U_N, TK_U_N, TK_U_N, 0, 0, 0, 0, 0, 0,
+    0, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU,
+    TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU,
+    TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU, TK_U_LU,
+    TK_U_LU, TK_U_LU, TK_U_LU, 0, 0, 0, 0, 0,
+    0, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL,
+    TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL,
+    TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL, TK_U_LL,
+    TK_U_LL, TK_U_LL, TK_U_LL, 0, 0, 0, 0, 0
+};
+
+
+uint32_t
+tk_utf8_decode(const unsigned char **pp, const unsigned char *end)
+{
+    uint32_t              c, cp;
+    const unsigned char  *p;
+
+    p = *pp;
+    c = p[0];
+
+    if (c >= 0xc2 && c <= 0xdf) {
+        if (end - p >= 2 && (p[1] & 0xc0) == 0x80) {
+            *pp = p + 2;
+            return ((c & 0x1f) << 6) | (p[1] & 0x3f);
+        }
+
+    } else if (c >= 0xe0 && c <= 0xef) {
+        if (end - p >= 3 && (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80) {
+            cp = ((c & 0x0f) << 12) | ((p[1] & 0x3f) << 6) | (p[2] & 0x3f);
+
+            if (cp >= 0x800 && (cp < 0xd800 || cp > 0xdfff)) {
+                *pp = p + 3;
+                return cp;
+            }
+        }
+
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        if (end - p >= 4 && (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80
+            && (p[3] & 0xc0) == 0x80)
+        {
+            cp = ((c & 0x07) << 18) | ((p[1] & 0x3f) << 12)
+                 | ((p[2] & 0x3f) << 6) | (p[3] & 0x3f);
+
+            if (cp >= 0x10000 && cp <= 0x10ffff) {
+                *pp = p + 4;
+                return cp;
+            }
+        }
+    }
+
+    *pp = p + 1;
+    return TK_INVALID_CP;
+}
 
 
 size_t
@@ -126,10 +189,13 @@ tk_contraction(tk_ptr_t p, tk_ptr_t end, int icase)
 }
 
 
-/* skips characters that have a class in "in" and none in "out" */
+/*
+ * skips characters that have a class in "in" and none in "out": ASCII in
+ * a tight loop, inlined with the classes known, the rest out of line
+ */
 
 static tk_ptr_t
-tk_skip(tk_ptr_t p, tk_ptr_t end, unsigned in, unsigned out)
+tk_skip_slow(tk_ptr_t p, tk_ptr_t end, unsigned in, unsigned out)
 {
     unsigned  cl;
     tk_ptr_t  q;
@@ -149,24 +215,47 @@ tk_skip(tk_ptr_t p, tk_ptr_t end, unsigned in, unsigned out)
 }
 
 
-/* [^\s\p{L}\p{N}]+ */
-
-static tk_ptr_t
-tk_punct(tk_ptr_t p, tk_ptr_t end)
+tk_inline tk_ptr_t
+tk_skip(tk_ptr_t p, tk_ptr_t end, unsigned in, unsigned out)
 {
-    tk_ptr_t  q;
+    unsigned  cl;
 
-    while (p < end) {
-        q = p;
+    while (p < end && *p < 0x80) {
+        cl = tk_ascii_class[*p];
 
-        if (tk_class(tk_utf8_next(&q, end)) & (TK_U_WS|TK_U_L|TK_U_N)) {
+        if ((cl & in) == 0 || (cl & out) != 0) {
             return p;
         }
 
-        p = q;
+        p++;
     }
 
-    return p;
+    if (p == end) {
+        return p;
+    }
+
+    return tk_skip_slow(p, end, in, out);
+}
+
+
+/* [^\s\p{L}\p{N}]+ */
+
+tk_inline tk_ptr_t
+tk_punct(tk_ptr_t p, tk_ptr_t end)
+{
+    while (p < end && *p < 0x80) {
+        if (tk_ascii_class[*p] != 0) {
+            return p;
+        }
+
+        p++;
+    }
+
+    if (p == end) {
+        return p;
+    }
+
+    return tk_skip_slow(p, end, TK_U_ALL, TK_U_WS|TK_U_L|TK_U_N);
 }
 
 
