@@ -75,7 +75,8 @@ $t->plan(1);
 local $ENV{TB_GATEWAY} = $t->url('/v1');
 local $ENV{TB_UPSTREAM} = 'http://127.0.0.1:' . $t->upstream_port();
 
-my $out = `'$TBTest::NODE' --test --test-reporter=spec '$e2e/sdk.test.mjs' 2>&1`;
+my $cmd = "'$TBTest::NODE' --test --test-reporter=spec '$e2e/sdk.test.mjs'";
+my $out = `$cmd 2>&1`;
 my $rc = $? >> 8;
 
 is($rc, 0, 'the SDK tests pass') or diag($out);

@@ -91,12 +91,29 @@ async function rejected(promise, calls) {
 
 
 const cookbookMessages = [
-    { role: 'system', content: 'You are a helpful, pattern-following assistant that translates corporate jargon into plain English.' },
-    { role: 'system', name: 'example_user', content: 'New synergies will help drive top-line growth.' },
-    { role: 'system', name: 'example_assistant', content: 'Things working well together will increase revenue.' },
-    { role: 'system', name: 'example_user', content: 'Let\'s circle back when we have more bandwidth to touch base on opportunities for increased leverage.' },
-    { role: 'system', name: 'example_assistant', content: 'Let\'s talk later when we\'re less busy about how to do better.' },
-    { role: 'user', content: 'This late pivot means we don\'t have time to boil the ocean for the client deliverable.' },
+    { role: 'system',
+      content: 'You are a helpful, pattern-following assistant that '
+               + 'translates corporate jargon into plain English.' },
+    { role: 'system', name: 'example_user',
+      content: 'New synergies will help drive top-line growth.' },
+    { role: 'system', name: 'example_assistant',
+      content: 'Things working well together will increase revenue.' },
+    { role: 'system', name: 'example_user',
+      content: 'Let\'s circle back when we have more bandwidth to touch '
+               + 'base on opportunities for increased leverage.' },
+    { role: 'system', name: 'example_assistant',
+      content: 'Let\'s talk later when we\'re less busy about how to do '
+               + 'better.' },
+    { role: 'user',
+      content: 'This late pivot means we don\'t have time to boil the '
+               + 'ocean for the client deliverable.' },
+];
+
+const cookbookToolMessages = [
+    { role: 'system',
+      content: 'You are a helpful assistant that can answer to questions '
+               + 'about the weather.' },
+    { role: 'user', content: 'What\'s the weather like in San Francisco?' },
 ];
 
 const cookbookTools = [{
@@ -107,8 +124,15 @@ const cookbookTools = [{
         parameters: {
             type: 'object',
             properties: {
-                location: { type: 'string', description: 'The city and state, e.g. San Francisco, CA' },
-                unit: { type: 'string', description: 'The unit of temperature to return', enum: ['celsius', 'fahrenheit'] },
+                location: {
+                    type: 'string',
+                    description: 'The city and state, e.g. San Francisco, CA',
+                },
+                unit: {
+                    type: 'string',
+                    description: 'The unit of temperature to return',
+                    enum: ['celsius', 'fahrenheit'],
+                },
             },
             required: ['location'],
         },
@@ -145,10 +169,7 @@ test('chat.completions.create with tools passes, counted', { skip },
 
     const r = await openai.chat.completions.create({
         model: 'gpt-4o',
-        messages: [
-            { role: 'system', content: 'You are a helpful assistant that can answer to questions about the weather.' },
-            { role: 'user', content: 'What\'s the weather like in San Francisco?' },
-        ],
+        messages: cookbookToolMessages,
         tools: cookbookTools,
         temperature: 0,
         max_tokens: 16,
