@@ -5,7 +5,8 @@ package TBTest;
 # A small test harness in the shape of nginx-tests' Test::Nginx: each test
 # file starts a real nginx from a heredoc configuration on free ports,
 # optionally behind the mock upstream in t/upstream/server.js, and checks
-# the error log for alerts and sanitizer reports when it ends.
+# the error log for alerts and sanitizer reports when it ends, and the
+# output of every nginx -t for sanitizer reports.
 #
 #     use FindBin;
 #     use lib "$FindBin::Bin/lib";
@@ -103,6 +104,7 @@ sub new {
         upstream_port => undef,
         checked => 0,
         tests => 0,
+        reports => [],
     }, $class;
 
     if (!-x $NGINX) {
@@ -311,6 +313,11 @@ sub nginx_t {
         $out .= <$lh> // '';
         close $lh;
     }
+
+    # a sanitizer report fails the checks at the end, whatever the test
+    # expects of nginx -t
+
+    push @{$self->{reports}}, $out =~ /^.*(?:Sanitizer|runtime error:).*$/mg;
 
     return wantarray ? ($rc, $out) : { rc => $rc, output => $out };
 }
@@ -853,7 +860,8 @@ sub finish {
     my @alerts = $log =~ /^.*\[(?:alert|emerg|crit)\].*$/mg;
     Test::More::is(join("\n", @alerts), '', 'no alerts');
 
-    my @sanitizer = $log =~ /^.*(?:Sanitizer|runtime error:).*$/mg;
+    my @sanitizer = ($log =~ /^.*(?:Sanitizer|runtime error:).*$/mg,
+                     @{$self->{reports}});
     Test::More::is(join("\n", @sanitizer), '', 'no sanitizer errors');
 }
 
