@@ -92,6 +92,153 @@ typedef struct {
 } ngx_http_tb_count_t;
 
 
+/* windowed budgets, ngx_http_token_budget_zone.c */
+
+#define NGX_HTTP_TB_COUNT_TOTAL         0
+#define NGX_HTTP_TB_COUNT_PROMPT        1
+#define NGX_HTTP_TB_COUNT_COMPLETION    2
+
+#define NGX_HTTP_TB_KEY_GET             0
+#define NGX_HTTP_TB_KEY_RESET           1
+#define NGX_HTTP_TB_KEY_TOPUP           2
+
+
+typedef struct {
+    u_char                       color;
+    u_char                       dummy;
+    u_short                      len;
+    uint32_t                     inflight;  /* reservations in flight */
+    ngx_queue_t                  queue;
+    uint64_t                     window;    /* the current window's index */
+    int64_t                      prev;      /* spent in the previous window */
+    int64_t                      curr;      /* spent in the current one */
+    uint64_t                     reserved;  /* by requests in flight */
+    u_char                       data[1];
+} ngx_http_tb_node_t;
+
+
+typedef struct {
+    ngx_rbtree_t                 rbtree;
+    ngx_rbtree_node_t            sentinel;
+    ngx_queue_t                  queue;
+    ngx_uint_t                   keys;
+    uint64_t                     admitted;
+    uint64_t                     rejected;
+    uint64_t                     full;
+    uint64_t                     spent;
+} ngx_http_tb_zone_sh_t;
+
+
+typedef struct {
+    ngx_http_tb_zone_sh_t       *sh;
+    ngx_slab_pool_t             *shpool;
+    ngx_shm_zone_t              *shm_zone;
+    ngx_http_complex_value_t     key;
+    uint64_t                     limit;
+    ngx_msec_t                   period;    /* milliseconds */
+    ngx_str_t                    per;
+    ngx_uint_t                   count;
+    ngx_uint_t                   logged_full;
+} ngx_http_tb_zone_t;
+
+
+typedef struct {
+    ngx_http_tb_zone_t          *zone;
+    ngx_http_tb_node_t          *node;
+    uint64_t                     amount;
+} ngx_http_tb_reservation_t;
+
+
+typedef struct {
+    ngx_http_tb_zone_t          *zone;      /* the zone that refused */
+    ngx_uint_t                   never;     /* more than the whole limit */
+    ngx_uint_t                   full;      /* no room for the key */
+    uint64_t                     amount;
+    time_t                       retry;
+
+    ngx_http_tb_zone_t          *tightest;  /* of those admitting */
+    uint64_t                     limit;
+    int64_t                      remaining;
+    time_t                       reset;
+} ngx_http_tb_refusal_t;
+
+
+typedef struct {
+    int64_t                      used;
+    uint64_t                     reserved;
+    ngx_uint_t                   inflight;
+    int64_t                      remaining;
+} ngx_http_tb_key_state_t;
+
+
+typedef struct {
+    ngx_str_t                    key;
+    int64_t                      used;
+} ngx_http_tb_top_t;
+
+
+typedef struct {
+    void                        *handle;    /* yajl_handle */
+    ngx_uint_t                   depth;
+    ngx_uint_t                   in_usage;
+    ngx_uint_t                   key;
+    ngx_uint_t                   failed;
+    ngx_uint_t                   seen;
+    uint64_t                     value[6];
+} ngx_http_tb_usage_t;
+
+
+ngx_int_t ngx_http_tb_usage_init(ngx_pool_t *pool, ngx_http_tb_usage_t *u);
+void ngx_http_tb_usage_feed(ngx_http_tb_usage_t *u, u_char *p, size_t len,
+    ngx_uint_t last);
+ngx_int_t ngx_http_tb_usage_get(ngx_http_tb_usage_t *u, uint64_t *prompt,
+    uint64_t *output);
+
+ngx_msec_t ngx_http_tb_zone_now(void);
+ngx_int_t ngx_http_tb_zone_init(ngx_shm_zone_t *shm_zone, void *data);
+ngx_int_t ngx_http_tb_zone_reserve(ngx_http_request_t *r,
+    ngx_array_t *limits, uint64_t prompt, uint64_t output,
+    ngx_http_tb_reservation_t *res, ngx_uint_t *nres,
+    ngx_http_tb_refusal_t *refusal);
+void ngx_http_tb_zone_settle(ngx_http_tb_reservation_t *res,
+    uint64_t prompt, uint64_t output, ngx_uint_t admitted);
+ngx_int_t ngx_http_tb_zone_key(ngx_http_tb_zone_t *zone, ngx_str_t *key,
+    ngx_http_tb_key_state_t *st, ngx_uint_t op, int64_t credit);
+ngx_uint_t ngx_http_tb_zone_top(ngx_http_tb_zone_t *zone, ngx_pool_t *pool,
+    ngx_http_tb_top_t *top, ngx_uint_t max);
+
+
+/* shared counters for the metrics */
+
+#define NGX_HTTP_TB_DRIFT_BUCKETS       9
+
+typedef struct {
+    ngx_atomic_t                 decisions[5];
+    ngx_atomic_t                 drift[NGX_HTTP_TB_DRIFT_BUCKETS + 1];
+    ngx_atomic_t                 drift_count;
+    ngx_atomic_t                 drift_sum_abs;
+    ngx_atomic_t                 model[1][5];   /* models x counters */
+} ngx_http_tb_metrics_t;
+
+#define NGX_HTTP_TB_M_REQUESTS          0
+#define NGX_HTTP_TB_M_PROMPT            1
+#define NGX_HTTP_TB_M_RESERVED          2
+#define NGX_HTTP_TB_M_COMPLETION        3
+#define NGX_HTTP_TB_M_REJECTED          4
+
+
+typedef struct {
+    ngx_array_t                  encodings;  /* ngx_http_tb_encoding_t */
+    ngx_array_t                  models;     /* ngx_http_tb_model_t */
+    ngx_array_t                  zones;      /* ngx_http_tb_zone_t * */
+    ngx_shm_zone_t              *metrics_zone;
+    ngx_http_tb_metrics_t       *metrics;
+} ngx_http_tb_main_conf_t;
+
+
+extern ngx_module_t  ngx_http_token_budget_module;
+
+
 ngx_int_t ngx_http_tb_json_parse(ngx_pool_t *pool, u_char *data, size_t len,
     ngx_http_tb_json_t **root, ngx_str_t *err);
 ngx_http_tb_json_t *ngx_http_tb_json_get(ngx_http_tb_json_t *obj,
@@ -103,6 +250,8 @@ ngx_int_t ngx_http_tb_count_body(ngx_http_tb_count_t *c, ngx_array_t *models,
     ngx_uint_t image_tokens);
 ngx_http_tb_model_t *ngx_http_tb_find_model(ngx_array_t *models,
     ngx_str_t *name);
+
+char *ngx_http_tb_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 
 
 #endif /* _NGX_HTTP_TOKEN_BUDGET_H_INCLUDED_ */

@@ -494,7 +494,7 @@ ngx_http_tb_tools(ngx_http_tb_count_t *c, ngx_http_tb_json_t *tools,
         return NGX_OK;
     }
 
-    k = 12;
+    k = 0;
     extra = 0;
 
     for (t = tools->first; t; t = t->next) {
@@ -526,6 +526,11 @@ ngx_http_tb_tools(ngx_http_tb_count_t *c, ngx_http_tb_json_t *tools,
         if (rc != NGX_OK) {
             return rc;
         }
+    }
+
+    if (k != 0) {
+        /* the end of the function definitions */
+        k += 12;
     }
 
     *n += (uint64_t) (k > 0 ? k : 0) + extra;
@@ -925,7 +930,7 @@ ngx_http_tb_anthropic(ngx_http_tb_count_t *c)
 
     v = ngx_http_tb_json_get(c->root, "system");
 
-    if (v != NULL) {
+    if (v != NULL && v->type != NGX_HTTP_TB_JSON_NULL) {
         rc = ngx_http_tb_anthropic_content(c, v, &n);
         if (rc != NGX_OK) {
             return rc;

@@ -54,6 +54,10 @@ static size_t ngx_http_tb_json_str_len(ngx_str_t *s);
 static u_char *ngx_http_tb_json_str_write(u_char *p, ngx_str_t *s);
 
 
+static ngx_int_t ngx_http_tb_json_utf8(const u_char *p, size_t len);
+static ngx_int_t ngx_http_tb_json_surrogates(u_char *p, size_t len);
+
+
 static yajl_callbacks  ngx_http_tb_json_callbacks = {
     ngx_http_tb_json_null,
     ngx_http_tb_json_boolean,
@@ -85,6 +89,11 @@ ngx_http_tb_json_parse(ngx_pool_t *pool, u_char *data, size_t len,
     }
 
     ctx->pool = pool;
+
+    if (ngx_http_tb_json_surrogates(data, len) != NGX_OK) {
+        ngx_str_set(err, "the JSON body has an unpaired surrogate escape");
+        return NGX_DECLINED;
+    }
 
     h = yajl_alloc(&ngx_http_tb_json_callbacks, NULL, ctx);
     if (h == NULL) {
@@ -258,6 +267,11 @@ ngx_http_tb_json_string(void *data, const unsigned char *s, size_t len)
 
     ctx = data;
 
+    if (ngx_http_tb_json_utf8(s, len) != NGX_OK) {
+        ctx->error = "the JSON body has a string that is not valid UTF-8";
+        return 0;
+    }
+
     v = ngx_http_tb_json_add(ctx, NGX_HTTP_TB_JSON_STRING);
     if (v == NULL) {
         return 0;
@@ -318,6 +332,11 @@ ngx_http_tb_json_map_key(void *data, const unsigned char *s, size_t len)
     ngx_http_tb_json_ctx_t  *ctx;
 
     ctx = data;
+
+    if (ngx_http_tb_json_utf8(s, len) != NGX_OK) {
+        ctx->error = "the JSON body has a key that is not valid UTF-8";
+        return 0;
+    }
 
     ctx->key.data = ngx_pnalloc(ctx->pool, len ? len : 1);
     if (ctx->key.data == NULL) {
@@ -574,4 +593,117 @@ ngx_http_tb_json_str_write(u_char *p, ngx_str_t *s)
     *p++ = '"';
 
     return p;
+}
+
+
+/* strict UTF-8: no overlong forms, no surrogates, nothing past U+10FFFF */
+
+static ngx_int_t
+ngx_http_tb_json_utf8(const u_char *p, size_t len)
+{
+    const u_char  *end;
+
+    end = p + len;
+
+    while (p < end) {
+
+        if (*p < 0x80) {
+            p++;
+            continue;
+        }
+
+        if (*p >= 0xc2 && *p <= 0xdf) {
+            if (end - p < 2 || (p[1] & 0xc0) != 0x80) {
+                return NGX_ERROR;
+            }
+
+            p += 2;
+            continue;
+        }
+
+        if (*p >= 0xe0 && *p <= 0xef) {
+            if (end - p < 3 || (p[1] & 0xc0) != 0x80
+                || (p[2] & 0xc0) != 0x80
+                || (*p == 0xe0 && p[1] < 0xa0)
+                || (*p == 0xed && p[1] >= 0xa0))
+            {
+                return NGX_ERROR;
+            }
+
+            p += 3;
+            continue;
+        }
+
+        if (*p >= 0xf0 && *p <= 0xf4) {
+            if (end - p < 4 || (p[1] & 0xc0) != 0x80
+                || (p[2] & 0xc0) != 0x80 || (p[3] & 0xc0) != 0x80
+                || (*p == 0xf0 && p[1] < 0x90)
+                || (*p == 0xf4 && p[1] >= 0x90))
+            {
+                return NGX_ERROR;
+            }
+
+            p += 4;
+            continue;
+        }
+
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * yajl turns an unpaired surrogate escape into some other character, where
+ * the provider sees U+FFFD: such bodies are refused.  Backslashes appear
+ * only inside strings of valid JSON, so the escapes are found without
+ * following the strings.
+ */
+
+static ngx_int_t
+ngx_http_tb_json_surrogates(u_char *p, size_t len)
+{
+    u_char      *end;
+    ngx_int_t    hi, lo;
+
+    end = p + len;
+
+    p = ngx_strlchr(p, end, '\\');
+
+    while (p != NULL && end - p >= 2) {
+
+        if (p[1] != 'u') {
+            p = ngx_strlchr(p + 2, end, '\\');
+            continue;
+        }
+
+        if (end - p < 6) {
+            return NGX_OK;
+        }
+
+        hi = ngx_hextoi(p + 2, 4);
+
+        if (hi >= 0xdc00 && hi <= 0xdfff) {
+            return NGX_ERROR;
+        }
+
+        if (hi >= 0xd800 && hi <= 0xdbff) {
+            if (end - p < 12 || p[6] != '\\' || p[7] != 'u') {
+                return NGX_ERROR;
+            }
+
+            lo = ngx_hextoi(p + 8, 4);
+
+            if (lo < 0xdc00 || lo > 0xdfff) {
+                return NGX_ERROR;
+            }
+
+            p += 6;
+        }
+
+        p = ngx_strlchr(p + 6, end, '\\');
+    }
+
+    return NGX_OK;
 }

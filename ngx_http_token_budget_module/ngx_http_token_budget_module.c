@@ -18,11 +18,7 @@
 #define NGX_HTTP_TB_REJECTED_DRY_RUN  3
 #define NGX_HTTP_TB_ERROR             4
 
-
-typedef struct {
-    ngx_array_t                  encodings;  /* ngx_http_tb_encoding_t */
-    ngx_array_t                  models;     /* ngx_http_tb_model_t */
-} ngx_http_tb_main_conf_t;
+#define NGX_HTTP_TB_MAX_LIMITS        16
 
 
 typedef struct {
@@ -37,6 +33,8 @@ typedef struct {
     ngx_uint_t                   image_tokens;
     ngx_uint_t                   estimate_margin;
     size_t                       max_body;
+    ngx_array_t                 *limits;     /* ngx_http_tb_zone_t * */
+    ngx_uint_t                   full_status;
 } ngx_http_tb_loc_conf_t;
 
 
@@ -51,6 +49,16 @@ typedef struct {
     uint64_t                     output;
     ngx_str_t                    reason;
     ngx_http_tb_error_t          error;
+
+    ngx_http_request_t          *request;
+    ngx_int_t                    model_index;
+    ngx_uint_t                   limited;
+    ngx_uint_t                   nres;
+    ngx_http_tb_reservation_t    res[NGX_HTTP_TB_MAX_LIMITS];
+    ngx_http_tb_refusal_t        refusal;
+    time_t                       retry_after;
+    ngx_uint_t                   reading_usage;
+    ngx_http_tb_usage_t          usage;
 } ngx_http_tb_ctx_t;
 
 
@@ -77,6 +85,17 @@ static ngx_int_t ngx_http_tb_send_error(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx);
 static u_char *ngx_http_tb_escape(u_char *p, ngx_str_t *s);
 
+static ngx_int_t ngx_http_tb_limit(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, ngx_uint_t dry_run);
+static ngx_int_t ngx_http_tb_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_tb_body_filter(ngx_http_request_t *r,
+    ngx_chain_t *in);
+static ngx_int_t ngx_http_tb_add_header(ngx_http_request_t *r,
+    const char *name, ngx_str_t *value);
+static char *ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_tb_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_http_tb_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_tb_add_variables(ngx_conf_t *cf);
@@ -95,6 +114,10 @@ static char *ngx_http_tb_margin(ngx_conf_t *cf, ngx_command_t *cmd,
 static void *ngx_http_tb_alloc(void *data, size_t size);
 static void ngx_http_tb_free(void *data, void *p);
 static void ngx_http_tb_encoding_cleanup(void *data);
+static ngx_int_t ngx_http_tb_metrics_init(ngx_shm_zone_t *shm_zone,
+    void *data);
+static void ngx_http_tb_metrics_decision(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx);
 static ngx_int_t ngx_http_tb_init(ngx_conf_t *cf);
 
 
@@ -127,6 +150,34 @@ static ngx_command_t  ngx_http_tb_commands[] = {
       NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
       ngx_http_tb_model,
       NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_budget_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_tb_zone,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_budget_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_tb_limit_zone,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_budget_full_status"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, full_status),
+      &ngx_http_tb_status_bounds },
+
+    { ngx_string("token_budget_api"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_tb_api,
+      NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
 
@@ -250,6 +301,8 @@ ngx_module_t  ngx_http_token_budget_module = {
 #define NGX_HTTP_TB_VAR_STATUS     5
 #define NGX_HTTP_TB_VAR_REASON     6
 #define NGX_HTTP_TB_VAR_FORMAT     7
+#define NGX_HTTP_TB_VAR_REMAINING  8
+#define NGX_HTTP_TB_VAR_COMPLETION 9
 
 
 static ngx_http_variable_t  ngx_http_tb_vars[] = {
@@ -278,8 +331,19 @@ static ngx_http_variable_t  ngx_http_tb_vars[] = {
     { ngx_string("token_budget_format"), NULL, ngx_http_tb_variable,
       NGX_HTTP_TB_VAR_FORMAT, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
+    { ngx_string("token_budget_remaining"), NULL, ngx_http_tb_variable,
+      NGX_HTTP_TB_VAR_REMAINING, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_budget_completion_tokens"), NULL,
+      ngx_http_tb_variable, NGX_HTTP_TB_VAR_COMPLETION,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
       ngx_http_null_variable
 };
+
+
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
 
 
 static ngx_str_t  ngx_http_tb_decisions[] = {
@@ -313,6 +377,7 @@ static ngx_int_t
 ngx_http_tb_handler(ngx_http_request_t *r)
 {
     ngx_int_t                rc;
+    ngx_str_t                value;
     ngx_http_tb_ctx_t       *ctx;
     ngx_pool_cleanup_t      *cln;
     ngx_http_tb_loc_conf_t  *tlcf;
@@ -347,7 +412,19 @@ ngx_http_tb_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    if (r->method != NGX_HTTP_POST) {
+    if (r->method != NGX_HTTP_POST
+        || ngx_http_tb_format(r, tlcf) == NGX_HTTP_TB_FORMAT_AUTO)
+    {
+        /* not an API that takes a prompt: the client's count goes */
+
+        if (tlcf->header.len) {
+            ngx_str_null(&value);
+
+            if (ngx_http_tb_set_header(r, &tlcf->header, &value) != NGX_OK) {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+        }
+
         return NGX_DECLINED;
     }
 
@@ -357,11 +434,7 @@ ngx_http_tb_handler(ngx_http_request_t *r)
     }
 
     ctx->format = ngx_http_tb_format(r, tlcf);
-
-    if (ctx->format == NGX_HTTP_TB_FORMAT_AUTO) {
-        /* not an API that takes a prompt */
-        return NGX_DECLINED;
-    }
+    ctx->model_index = -1;
 
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
@@ -371,6 +444,7 @@ ngx_http_tb_handler(ngx_http_request_t *r)
     cln->handler = ngx_http_tb_cleanup;
     cln->data = ctx;
 
+    ctx->request = r;
     ngx_http_set_ctx(r, ctx, ngx_http_token_budget_module);
 
     rc = ngx_http_read_client_request_body(r, ngx_http_tb_body_handler);
@@ -394,6 +468,8 @@ ngx_http_tb_body_handler(ngx_http_request_t *r)
     ngx_http_tb_decide(r, ctx);
 
     ctx->done = 1;
+
+    ngx_http_tb_metrics_decision(r, ctx);
 
     r->preserve_body = 1;
 
@@ -428,10 +504,72 @@ ngx_http_tb_get_ctx(ngx_http_request_t *r)
 }
 
 
+/*
+ * settles the reservations whichever way the request ended: with the
+ * usage the upstream reported; without it, the prompt counts as spent once
+ * the upstream has received the request, and nothing when it has not
+ */
+
 static void
 ngx_http_tb_cleanup(void *data)
 {
-    /* settlement of windowed budgets will happen here */
+    ngx_http_tb_ctx_t  *ctx = data;
+
+    int64_t                 drift;
+    uint64_t                prompt, output;
+    ngx_uint_t              i;
+    ngx_http_request_t     *r;
+    ngx_http_tb_metrics_t  *m;
+
+    static const int64_t    bounds[NGX_HTTP_TB_DRIFT_BUCKETS] = {
+        -100, -10, -3, -1, 0, 1, 3, 10, 100
+    };
+
+    if (ctx->nres == 0 && !ctx->reading_usage) {
+        return;
+    }
+
+    r = ctx->request;
+    m = ((ngx_http_tb_main_conf_t *) ngx_http_get_module_main_conf(r,
+                                    ngx_http_token_budget_module))->metrics;
+
+    if (ngx_http_tb_usage_get(&ctx->usage, &prompt, &output) == NGX_OK) {
+
+        if (m && ctx->model_index >= 0) {
+            (void) ngx_atomic_fetch_add(
+                       &m->model[ctx->model_index][NGX_HTTP_TB_M_COMPLETION],
+                       output);
+        }
+
+        if (m && ctx->method == NGX_HTTP_TB_EXACT && prompt) {
+            drift = (int64_t) ctx->prompt - (int64_t) prompt;
+
+            for (i = 0; i < NGX_HTTP_TB_DRIFT_BUCKETS; i++) {
+                if (drift <= bounds[i]) {
+                    break;
+                }
+            }
+
+            (void) ngx_atomic_fetch_add(&m->drift[i], 1);
+            (void) ngx_atomic_fetch_add(&m->drift_count, 1);
+            (void) ngx_atomic_fetch_add(&m->drift_sum_abs,
+                                        drift < 0 ? -drift : drift);
+        }
+
+    } else {
+        output = 0;
+        prompt = (r->upstream && r->upstream->request_sent) ? ctx->prompt : 0;
+    }
+
+    for (i = 0; i < ctx->nres; i++) {
+        if (ctx->res[i].zone) {
+            ngx_http_tb_zone_settle(&ctx->res[i], prompt, output, 1);
+        }
+    }
+
+    ctx->reading_usage = 0;
+
+    ctx->nres = 0;
 }
 
 
@@ -557,6 +695,7 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
 
     ctx->method = c.method;
     ctx->prompt = c.prompt;
+    ctx->model_index = c.model - (ngx_http_tb_model_t *) tmcf->models.elts;
 
     if (c.format == NGX_HTTP_TB_FORMAT_EMBEDDINGS) {
         reserve = 0;
@@ -564,11 +703,17 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
     } else if (c.output_field) {
         reserve = c.output;
 
-    } else if (tlcf->reserve_output != NGX_CONF_UNSET_UINT) {
-        reserve = tlcf->reserve_output;
-
     } else {
-        reserve = c.model->max_output;
+        reserve = (tlcf->reserve_output != NGX_CONF_UNSET_UINT)
+                  ? tlcf->reserve_output : c.model->max_output;
+
+        /* without a limit the model writes at most what fits */
+
+        if (c.model->context && c.prompt < c.model->context
+            && reserve > c.model->context - c.prompt)
+        {
+            reserve = c.model->context - c.prompt;
+        }
     }
 
     ctx->output = reserve * c.choices;
@@ -656,6 +801,18 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
 
     ctx->decision = NGX_HTTP_TB_PASSED;
 
+    if (tlcf->limits) {
+        rc = ngx_http_tb_limit(r, ctx, tlcf->dry_run);
+
+        if (rc == NGX_ERROR) {
+            goto internal;
+        }
+
+        if (rc == NGX_DECLINED) {
+            goto over;
+        }
+    }
+
     goto forward;
 
 over:
@@ -666,6 +823,13 @@ over:
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "token budget: dry run, would reject: %V",
                       &ctx->error.message);
+
+        if (tlcf->limits && !ctx->limited
+            && ngx_http_tb_limit(r, ctx, 1) != NGX_OK)
+        {
+            goto internal;
+        }
+
         goto forward;
     }
 
@@ -728,6 +892,244 @@ internal:
     ngx_str_set(&ctx->reason, "internal_error");
     ctx->decision = NGX_HTTP_TB_ERROR;
     ctx->rc = ctx->error.status;
+}
+
+
+/* the windowed budgets: a reservation in every zone, or a refusal */
+
+static ngx_int_t
+ngx_http_tb_limit(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_uint_t dry_run)
+{
+    u_char                  *p;
+    ngx_int_t                rc;
+    ngx_str_t                name, value;
+    ngx_http_tb_zone_t      *zone;
+    ngx_http_tb_refusal_t   *rf;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    ctx->limited = 1;
+    rf = &ctx->refusal;
+
+    rc = ngx_http_tb_zone_reserve(r, tlcf->limits, ctx->prompt, ctx->output,
+                                  ctx->res, &ctx->nres, rf);
+
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    if (rc == NGX_OK) {
+        /* the usage is read from the response: ask for it unencoded */
+
+        ngx_str_set(&name, "Accept-Encoding");
+        ngx_str_null(&value);
+
+        return ngx_http_tb_set_header(r, &name, &value);
+    }
+
+    zone = rf->zone;
+
+    p = ngx_pnalloc(r->pool, 512);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    ctx->error.message.data = p;
+
+    if (rf->never) {
+        ctx->error.status = tlcf->status;
+        ngx_str_set(&ctx->reason, "budget_too_large");
+        ngx_str_set(&ctx->error.code, "budget_exceeded");
+
+        ctx->error.message.len = ngx_snprintf(p, 512,
+            "this request needs %uL tokens, more than the whole budget of "
+            "%uL tokens per %V of token_budget_zone \"%V\"",
+            rf->amount, zone->limit, &zone->per, &zone->shm_zone->shm.name)
+            - p;
+
+    } else if (rf->full) {
+        ctx->error.status = tlcf->full_status;
+        ngx_str_set(&ctx->reason, "zone_full");
+        ngx_str_set(&ctx->error.code, "budget_unavailable");
+
+        ctx->error.message.len = ngx_snprintf(p, 512,
+            "token_budget_zone \"%V\" has no room for this key now",
+            &zone->shm_zone->shm.name) - p;
+
+    } else {
+        ctx->error.status = NGX_HTTP_TOO_MANY_REQUESTS;
+        ngx_str_set(&ctx->reason, "budget_exhausted");
+        ngx_str_set(&ctx->error.code, "rate_limit_exceeded");
+
+        ctx->error.message.len = ngx_snprintf(p, 512,
+            "rate limit reached for tokens in token_budget_zone \"%V\": "
+            "limit %uL per %V, this request needs %uL; please try again "
+            "in %Ts", &zone->shm_zone->shm.name, zone->limit, &zone->per,
+            rf->amount, rf->retry) - p;
+
+        ctx->retry_after = rf->retry;
+    }
+
+    rf->tightest = zone;
+    rf->limit = zone->limit;
+    rf->remaining = 0;
+    rf->reset = rf->retry;
+
+    if (dry_run) {
+        ctx->decision = NGX_HTTP_TB_REJECTED_DRY_RUN;
+        ctx->retry_after = 0;
+
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "token budget: dry run, would reject: %V",
+                      &ctx->error.message);
+
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
+}
+
+
+static ngx_int_t
+ngx_http_tb_header_filter(ngx_http_request_t *r)
+{
+    u_char             *p;
+    ngx_str_t           value;
+    ngx_http_tb_ctx_t  *ctx;
+
+    if (r != r->main) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx = ngx_http_tb_get_ctx(r);
+
+    if (ctx == NULL || !ctx->done) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    /* what the upstream reports settles reservations and feeds metrics */
+
+    if (r->upstream && !ctx->reading_usage
+        && (ctx->decision == NGX_HTTP_TB_PASSED
+            || ctx->decision == NGX_HTTP_TB_REJECTED_DRY_RUN)
+        && r->headers_out.status >= NGX_HTTP_OK
+        && r->headers_out.status < NGX_HTTP_SPECIAL_RESPONSE)
+    {
+        if (ngx_http_tb_usage_init(r->pool, &ctx->usage) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        ctx->reading_usage = 1;
+        r->filter_need_in_memory = 1;
+    }
+
+    if (!ctx->limited || ctx->refusal.tightest == NULL) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 2);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    value.data = p;
+    value.len = ngx_sprintf(p, "%uL", ctx->refusal.limit) - p;
+
+    if (ngx_http_tb_add_header(r, "x-ratelimit-limit-tokens", &value)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    p += value.len;
+    value.data = p;
+    value.len = ngx_sprintf(p, "%L", ngx_max(ctx->refusal.remaining, 0))
+                - p;
+
+    if (ngx_http_tb_add_header(r, "x-ratelimit-remaining-tokens", &value)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    p += value.len;
+    value.data = p;
+    value.len = ngx_sprintf(p, "%Ts", ctx->refusal.reset) - p;
+
+    if (ngx_http_tb_add_header(r, "x-ratelimit-reset-tokens", &value)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (ctx->retry_after && r->headers_out.status == NGX_HTTP_TOO_MANY_REQUESTS
+        && r->upstream == NULL)
+    {
+        value.data = p + value.len;
+        value.len = ngx_sprintf(value.data, "%T", ctx->retry_after)
+                    - value.data;
+
+        if (ngx_http_tb_add_header(r, "Retry-After", &value) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return ngx_http_next_header_filter(r);
+}
+
+
+static ngx_int_t
+ngx_http_tb_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    ngx_buf_t          *b;
+    ngx_chain_t        *cl;
+    ngx_http_tb_ctx_t  *ctx;
+
+    if (r != r->main) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    ctx = ngx_http_tb_get_ctx(r);
+
+    if (ctx == NULL || !ctx->reading_usage) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (ngx_buf_in_memory(b)) {
+            ngx_http_tb_usage_feed(&ctx->usage, b->pos, b->last - b->pos,
+                                   b->last_buf);
+
+        } else if (b->last_buf) {
+            ngx_http_tb_usage_feed(&ctx->usage, NULL, 0, 1);
+        }
+    }
+
+    return ngx_http_next_body_filter(r, in);
+}
+
+
+static ngx_int_t
+ngx_http_tb_add_header(ngx_http_request_t *r, const char *name,
+    ngx_str_t *value)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key.data = (u_char *) name;
+    h->key.len = ngx_strlen(name);
+    h->value = *value;
+
+    return NGX_OK;
 }
 
 
@@ -1180,7 +1582,23 @@ ngx_http_tb_send_error(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
         break;
 
     case NGX_HTTP_TOO_MANY_REQUESTS:
-        ngx_str_set(&type, "rate_limit_error");
+        if (ctx->format == NGX_HTTP_TB_FORMAT_ANTHROPIC) {
+            ngx_str_set(&type, "rate_limit_error");
+
+        } else {
+            ngx_str_set(&type, "tokens");
+        }
+
+        break;
+
+    case NGX_HTTP_SERVICE_UNAVAILABLE:
+        if (ctx->format == NGX_HTTP_TB_FORMAT_ANTHROPIC) {
+            ngx_str_set(&type, "overloaded_error");
+
+        } else {
+            ngx_str_set(&type, "server_error");
+        }
+
         break;
 
     case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
@@ -1293,6 +1711,40 @@ ngx_http_tb_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
                 - p;
         break;
 
+    case NGX_HTTP_TB_VAR_REMAINING:
+        if (ctx->refusal.tightest == NULL) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_sprintf(p, "%L", ngx_max(ctx->refusal.remaining, 0)) - p;
+        break;
+
+    case NGX_HTTP_TB_VAR_COMPLETION:
+        {
+        uint64_t  prompt, output;
+
+        if (ngx_http_tb_usage_get(&ctx->usage, &prompt, &output) != NGX_OK) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_sprintf(p, "%uL", output) - p;
+        }
+        break;
+
     case NGX_HTTP_TB_VAR_MODEL:
         s = ctx->model;
         break;
@@ -1365,6 +1817,9 @@ ngx_http_tb_create_main_conf(ngx_conf_t *cf)
         != NGX_OK
         || ngx_array_init(&tmcf->models, cf->pool, 32,
                           sizeof(ngx_http_tb_model_t))
+           != NGX_OK
+        || ngx_array_init(&tmcf->zones, cf->pool, 4,
+                          sizeof(ngx_http_tb_zone_t *))
            != NGX_OK)
     {
         return NULL;
@@ -1388,6 +1843,7 @@ ngx_http_tb_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     conf->header = { 0, NULL };
+     *     conf->limits = NULL;
      */
 
     conf->enable = NGX_CONF_UNSET;
@@ -1400,6 +1856,7 @@ ngx_http_tb_create_loc_conf(ngx_conf_t *cf)
     conf->image_tokens = NGX_CONF_UNSET_UINT;
     conf->estimate_margin = NGX_CONF_UNSET_UINT;
     conf->max_body = NGX_CONF_UNSET_SIZE;
+    conf->full_status = NGX_CONF_UNSET_UINT;
 
     return conf;
 }
@@ -1440,6 +1897,12 @@ ngx_http_tb_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                               10);
     ngx_conf_merge_size_value(conf->max_body, prev->max_body,
                               32 * 1024 * 1024);
+    ngx_conf_merge_uint_value(conf->full_status, prev->full_status,
+                              NGX_HTTP_SERVICE_UNAVAILABLE);
+
+    if (conf->limits == NULL) {
+        conf->limits = prev->limits;
+    }
 
     if (conf->enable) {
         tmcf = ngx_http_conf_get_module_main_conf(cf,
@@ -1653,6 +2116,250 @@ invalid:
 
 
 static char *
+ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_tb_main_conf_t *tmcf = conf;
+
+    u_char                            *p;
+    off_t                              tokens;
+    ssize_t                            size;
+    time_t                             per;
+    ngx_str_t                         *value, name, s;
+    ngx_uint_t                         i, count;
+    ngx_shm_zone_t                    *shm_zone;
+    ngx_http_tb_zone_t                *zone, **zp;
+    ngx_http_compile_complex_value_t   ccv;
+
+    value = cf->args->elts;
+
+    zone = ngx_pcalloc(cf->pool, sizeof(ngx_http_tb_zone_t));
+    if (zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &value[1];
+    ccv.complex_value = &zone->key;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    size = 0;
+    tokens = 0;
+    per = 0;
+    count = NGX_HTTP_TB_COUNT_TOTAL;
+    ngx_str_null(&name);
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+
+            name.data = value[i].data + 5;
+
+            p = (u_char *) ngx_strchr(name.data, ':');
+
+            if (p == NULL) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid zone size \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            name.len = p - name.data;
+
+            s.data = p + 1;
+            s.len = value[i].data + value[i].len - s.data;
+
+            size = ngx_parse_size(&s);
+
+            if (size == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid zone size \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            if (size < (ssize_t) (8 * ngx_pagesize)) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "zone \"%V\" is too small", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "tokens=", 7) == 0) {
+            tokens = ngx_atoof(value[i].data + 7, value[i].len - 7);
+
+            if (tokens <= 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "per=", 4) == 0) {
+            s.data = value[i].data + 4;
+            s.len = value[i].len - 4;
+
+            per = ngx_parse_time(&s, 1);
+
+            if (per == (time_t) NGX_ERROR || per <= 0) {
+                goto invalid;
+            }
+
+            zone->per = s;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "count=total") == 0) {
+            count = NGX_HTTP_TB_COUNT_TOTAL;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "count=prompt") == 0) {
+            count = NGX_HTTP_TB_COUNT_PROMPT;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "count=completion") == 0) {
+            count = NGX_HTTP_TB_COUNT_COMPLETION;
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (name.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"zone\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (tokens == 0 || per == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"tokens\" and \"per\" "
+                           "parameters", &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    zone->limit = (uint64_t) tokens;
+    zone->period = (ngx_msec_t) per * 1000;
+    zone->count = count;
+
+    shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                     &ngx_http_token_budget_module);
+    if (shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "%V \"%V\" is already bound to key \"%V\"",
+                           &cmd->name, &name,
+                           &((ngx_http_tb_zone_t *) shm_zone->data)->key.value);
+        return NGX_CONF_ERROR;
+    }
+
+    shm_zone->init = ngx_http_tb_zone_init;
+    shm_zone->data = zone;
+    zone->shm_zone = shm_zone;
+
+    zp = ngx_array_push(&tmcf->zones);
+    if (zp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *zp = zone;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_tb_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_tb_loc_conf_t *tlcf = conf;
+
+    ngx_str_t                 *value, name;
+    ngx_uint_t                 i;
+    ngx_http_tb_zone_t       **zones, **zp, *zone;
+    ngx_http_tb_main_conf_t   *tmcf;
+
+    value = cf->args->elts;
+
+    if (ngx_strncmp(value[1].data, "zone=", 5) != 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    name.data = value[1].data + 5;
+    name.len = value[1].len - 5;
+
+    tmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_token_budget_module);
+
+    zone = NULL;
+    zones = tmcf->zones.elts;
+
+    for (i = 0; i < tmcf->zones.nelts; i++) {
+        if (zones[i]->shm_zone->shm.name.len == name.len
+            && ngx_strncmp(zones[i]->shm_zone->shm.name.data, name.data,
+                           name.len) == 0)
+        {
+            zone = zones[i];
+            break;
+        }
+    }
+
+    if (zone == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "unknown token_budget_zone \"%V\"", &name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (tlcf->limits == NULL) {
+        tlcf->limits = ngx_array_create(cf->pool, 2,
+                                        sizeof(ngx_http_tb_zone_t *));
+        if (tlcf->limits == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    zones = tlcf->limits->elts;
+
+    for (i = 0; i < tlcf->limits->nelts; i++) {
+        if (zones[i] == zone) {
+            return "is duplicate";
+        }
+    }
+
+    if (tlcf->limits->nelts == NGX_HTTP_TB_MAX_LIMITS) {
+        return "is used too many times";
+    }
+
+    zp = ngx_array_push(tlcf->limits);
+    if (zp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *zp = zone;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
 ngx_http_tb_header(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_tb_loc_conf_t *tlcf = conf;
@@ -1744,10 +2451,86 @@ ngx_http_tb_encoding_cleanup(void *data)
 }
 
 
+static void
+ngx_http_tb_metrics_decision(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
+{
+    ngx_atomic_t             *c;
+    ngx_http_tb_metrics_t    *m;
+    ngx_http_tb_main_conf_t  *tmcf;
+
+    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_budget_module);
+    m = tmcf->metrics;
+
+    if (m == NULL) {
+        return;
+    }
+
+    (void) ngx_atomic_fetch_add(&m->decisions[ctx->decision], 1);
+
+    if (ctx->model_index < 0) {
+        return;
+    }
+
+    c = m->model[ctx->model_index];
+
+    (void) ngx_atomic_fetch_add(&c[NGX_HTTP_TB_M_REQUESTS], 1);
+
+    if (ctx->decision == NGX_HTTP_TB_REJECTED) {
+        (void) ngx_atomic_fetch_add(&c[NGX_HTTP_TB_M_REJECTED], 1);
+        return;
+    }
+
+    if (ctx->decision != NGX_HTTP_TB_ERROR) {
+        (void) ngx_atomic_fetch_add(&c[NGX_HTTP_TB_M_PROMPT], ctx->prompt);
+        (void) ngx_atomic_fetch_add(&c[NGX_HTTP_TB_M_RESERVED],
+                                    ctx->prompt + ctx->output);
+    }
+}
+
+
+static ngx_int_t
+ngx_http_tb_metrics_init(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_tb_main_conf_t  *otmcf = data;
+
+    size_t                    size;
+    ngx_slab_pool_t          *shpool;
+    ngx_http_tb_main_conf_t  *tmcf;
+
+    tmcf = shm_zone->data;
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (otmcf && otmcf->metrics) {
+        tmcf->metrics = otmcf->metrics;
+        return NGX_OK;
+    }
+
+    if (shm_zone->shm.exists) {
+        tmcf->metrics = shpool->data;
+        return NGX_OK;
+    }
+
+    size = sizeof(ngx_http_tb_metrics_t)
+           + tmcf->models.nelts * sizeof(ngx_atomic_t) * 5;
+
+    tmcf->metrics = ngx_slab_calloc(shpool, size);
+    if (tmcf->metrics == NULL) {
+        return NGX_ERROR;
+    }
+
+    shpool->data = tmcf->metrics;
+
+    return NGX_OK;
+}
+
+
 static ngx_int_t
 ngx_http_tb_init(ngx_conf_t *cf)
 {
+    size_t                      size;
+    ngx_str_t                   name;
     ngx_http_handler_pt        *h;
+    ngx_http_tb_main_conf_t    *tmcf;
     ngx_http_core_main_conf_t  *cmcf;
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
@@ -1758,6 +2541,33 @@ ngx_http_tb_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_tb_handler;
+
+    tmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_token_budget_module);
+
+    if (tmcf->models.nelts) {
+        ngx_str_set(&name, "token_budget_metrics");
+
+        size = ngx_align(sizeof(ngx_http_tb_metrics_t)
+                         + tmcf->models.nelts * sizeof(ngx_atomic_t) * 5,
+                         ngx_pagesize)
+               + 8 * ngx_pagesize;
+
+        tmcf->metrics_zone = ngx_shared_memory_add(cf, &name, size,
+                                                  &ngx_http_token_budget_module);
+        if (tmcf->metrics_zone == NULL) {
+            return NGX_ERROR;
+        }
+
+        tmcf->metrics_zone->init = ngx_http_tb_metrics_init;
+        tmcf->metrics_zone->data = tmcf;
+    }
+
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_tb_header_filter;
+
+    ngx_http_next_body_filter = ngx_http_top_body_filter;
+    ngx_http_top_body_filter = ngx_http_tb_body_filter;
 
     return NGX_OK;
 }

@@ -391,12 +391,14 @@ function counter(m) {
             return 0;
         }
 
-        let n = 12;    /* func_end */
+        let n = 0;
+        let functions = 0;
 
         for (const t of list) {
             const f = get(t, 'function');
 
             if (isObject(f)) {
+                functions++;
                 n += fn(f);
 
                 /* beyond the recipe: members of the tool beside these two */
@@ -404,6 +406,7 @@ function counter(m) {
 
             } else if (get(t, 'name') !== undefined) {
                 /* legacy "functions", and Responses API function tools */
+                functions++;
                 n += fn(t);
 
             } else {
@@ -416,7 +419,8 @@ function counter(m) {
             }
         }
 
-        return n;
+        /* func_end, once, when there is a function */
+        return functions ? n + 12 : n;
     }
 
     /* OpenAI images: the published formula for the GPT-4o family */
