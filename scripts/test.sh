@@ -1,6 +1,10 @@
 #!/bin/sh
 # Token budget: install the dependencies, build, and run every test:
-# the tokenizer's unit tests and the nginx tests under t/.
+# the tokenizer's unit tests, the nginx tests under t/ against Debian's
+# nginx, then the same tests against nginx built from Debian's source
+# with the module compiled in under ASan and UBSan (scripts/test-asan.sh;
+# TB_SKIP_ASAN=1 skips that part, about 3 minutes of build the first
+# time).
 
 set -e
 
@@ -10,3 +14,7 @@ sh scripts/deps.sh
 make
 make tk-test
 prove -r t/
+
+if [ "${TB_SKIP_ASAN:-0}" != 1 ]; then
+    sh scripts/test-asan.sh
+fi

@@ -16,6 +16,7 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 
 use Encode qw(encode_utf8);
+use MIME::Base64 qw(encode_base64);
 use File::Temp qw(tempfile);
 use Test::More;
 use TBTest;
@@ -61,6 +62,11 @@ http {
 
         location /reserve/ {
             token_budget_reserve_output 500;
+            proxy_pass http://%%UPSTREAM%%/v1/;
+        }
+
+        location /img/ {
+            token_budget_image_tokens 100;
             proxy_pass http://%%UPSTREAM%%/v1/;
         }
 
@@ -119,6 +125,10 @@ my @cases = (
       '{"model":"gpt-4o-mini","messages":[{"role":"user",'
       . '"content":"Count me, please."}]}',
       12 ],
+    [ 'text part for an image', '/v1/chat/completions', 'chat', 'o200k_base',
+      '{"model":"gpt-4o","messages":[{"role":"user","content":['
+      . '{"type":"text","text":"What is in this image?"}]}]}',
+      13 ],
     [ 'format by directive', '/custom/', 'chat', 'o200k_base',
       '{"model":"gpt-4o","messages":[{"role":"user","content":"Hello!"}]}',
       9 ],
@@ -196,7 +206,7 @@ my @cases = (
       16 ],
 );
 
-$t->plan(2 * @cases + 44);
+$t->plan(2 * @cases + 55);
 
 ###############################################################################
 
@@ -339,6 +349,65 @@ is($reqs->[0]{headers}{'x-token-count'}, 20, 'anthropic header');
     @cases)[0][4]);
 is($r->{headers}{'x-tb-method'}, 'estimate',
     'anthropic without estimate= is an estimate');
+
+# images: OpenAI's published formula when the size is in a data URL, 85 at
+# low detail, else token_budget_image_tokens as a bound
+
+sub png {
+    my ($w, $h) = @_;
+
+    return encode_base64("\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR"
+        . pack('NN', $w, $h) . "\x08\x06\0\0\0" . "\0" x 30, '');
+}
+
+sub image {
+    my ($image) = @_;
+
+    return '{"model":"gpt-4o","messages":[{"role":"user","content":['
+        . '{"type":"text","text":"What is in this image?"},'
+        . qq({"type":"image_url","image_url":$image}]}]});
+}
+
+my $png = png(1024, 1024);
+
+($r) = post('/img/chat/completions',
+    image('{"url":"https://example.com/a.png"}'));
+is($r->{headers}{'x-tb-prompt'}, 13 + 100, 'image url, bound');
+is($r->{headers}{'x-tb-method'}, 'image_bound', 'image url, method');
+
+($r) = post('/img/chat/completions', image('"https://example.com/a.png"'));
+is($r->{headers}{'x-tb-prompt'}, 13 + 100, 'image url string, bound');
+
+($r) = post('/v1/chat/completions',
+    image('{"url":"https://example.com/a.png"}'));
+is($r->{headers}{'x-tb-prompt'}, 13 + 1600, 'image url, default bound');
+
+($r) = post('/img/chat/completions',
+    image('{"url":"https://example.com/a.png","detail":"low"}'));
+is($r->{headers}{'x-tb-prompt'}, 13 + 85, 'image, low detail');
+is($r->{headers}{'x-tb-method'}, 'exact', 'image, low detail, method');
+
+($r) = post('/img/chat/completions',
+    image(qq({"url":"data:image/png;base64,$png"})));
+is($r->{headers}{'x-tb-prompt'}, 13 + 4 * 170 + 85,
+    'image, 1024 x 1024 data url');
+is($r->{headers}{'x-tb-method'}, 'exact', 'image, data url, method');
+
+($r) = post('/img/chat/completions',
+    image(qq({"url":"data:image/png;base64,@{[ png(4096, 1024) ]}"})));
+is($r->{headers}{'x-tb-prompt'}, 13 + 4 * 170 + 85,
+    'image, 4096 x 1024 data url');
+
+($r) = post('/img/chat/completions',
+    image('{"url":"data:image/png;base64,AAAA"}'));
+is($r->{headers}{'x-tb-method'}, 'image_bound', 'image, unreadable data url');
+
+($r) = post('/img/messages', '{"model":"plain-claude","max_tokens":5,'
+    . '"messages":[{"role":"user","content":[{"type":"image","source":'
+    . '{"type":"base64","media_type":"image/png","data":"'
+    . png(200, 200) . '"}},{"type":"text","text":"Hello!"}]}]}');
+is($r->{headers}{'x-tb-prompt'}, 3 + 1 + 2 + 54,
+    'anthropic image, 200 x 200');
 
 # not counted: no variables
 
