@@ -13,10 +13,11 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 
 use Encode qw(encode_utf8);
+use IO::Compress::Gzip qw(gzip $GzipError);
 use Test::More;
 use TBTest;
 
-my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(45);
+my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(50);
 
 %%TEST_GLOBALS%%
 
@@ -49,6 +50,11 @@ http {
 
         location /file/ {
             client_body_buffer_size 1k;
+            proxy_pass http://%%UPSTREAM%%/v1/;
+        }
+
+        location /max/ {
+            token_budget_max_body 1k;
             proxy_pass http://%%UPSTREAM%%/v1/;
         }
 
@@ -186,6 +192,42 @@ is($r->{headers}{'x-tb-prompt'}, $count, 'pieces, temp file');
 ($r, $reqs) = pieces('/v1/chat/completions', $short, \0.01,
     1 .. length($short) - 1);
 is($r->{headers}{'x-tb-prompt'}, 9, 'pieces, a byte at a time');
+
+# token_budget_max_body at the boundary, as sent and decoded
+
+sub sized {
+    my ($size) = @_;
+
+    my $head = '{"model":"gpt-4o","messages":[{"role":"user","content":"';
+    my $tail = '"}]}';
+
+    return $head . 'a' x ($size - length($head) - length($tail)) . $tail;
+}
+
+sub gzipped {
+    my ($data) = @_;
+
+    gzip(\$data => \my $out) or die "gzip: $GzipError\n";
+
+    return $out;
+}
+
+($r) = post('/max/chat/completions', sized(1024));
+is($r->{status}, 200, 'max_body, at the limit');
+
+($r) = post('/max/chat/completions', sized(1025));
+is($r->{status}, 413, 'max_body, a byte over');
+
+($r) = post('/max/chat/completions', sized(1025), -chunked => 100);
+is($r->{status}, 413, 'max_body, a byte over, chunked');
+
+($r) = post('/max/chat/completions', gzipped(sized(1024)),
+    'Content-Encoding' => 'gzip');
+is($r->{status}, 200, 'max_body, decoded at the limit');
+
+($r) = post('/max/chat/completions', gzipped(sized(1025)),
+    'Content-Encoding' => 'gzip');
+is($r->{status}, 413, 'max_body, decoded a byte over');
 
 # pipelined on a keepalive connection, a rejected one between
 
