@@ -6,7 +6,8 @@
 # copy of tokenizer/test/fuzz-seed in build/fuzz/corpus, which is kept
 # between runs.  A crash leaves its input in build/fuzz/ and makes the
 # script exit non-zero.  More libFuzzer options may follow on the command
-# line, e.g. "sh tokenizer/test/fuzz.sh -jobs=2".
+# line, e.g. "sh tokenizer/test/fuzz.sh -len_control=0" to try inputs of
+# up to 4096 bytes from the start rather than growing them slowly.
 #
 #     FUZZ_SECONDS=600 sh tokenizer/test/fuzz.sh
 
