@@ -12,10 +12,11 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 
+use Encode ();
 use Test::More;
 use TBTest;
 
-my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(82);
+my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(86);
 
 %%TEST_GLOBALS%%
 
@@ -327,9 +328,36 @@ $sent = $reqs->[0] ? TBTest::json_decode($reqs->[0]{body}) : {};
 is($sent->{max_output_tokens}, 89, 'clamp, responses, lowered');
 
 ($r, $j, $reqs) = post('/clamp/chat/completions',
+    chat('small', 1, max_completion_tokens => 1000));
+$sent = $reqs->[0] ? TBTest::json_decode($reqs->[0]{body}) : {};
+is($sent->{max_completion_tokens}, 91, 'clamp, max_completion_tokens');
+
+($r, $j, $reqs) = post('/clamp/completions',
+    '{"model":"tight","prompt":"Once upon a time","max_tokens":500}');
+$sent = $reqs->[0] ? TBTest::json_decode($reqs->[0]{body}) : {};
+is($sent->{max_tokens}, 96, 'clamp, completions, lowered');
+
+($r, $j, $reqs) = post('/clamp/chat/completions',
     chat('small', 1, max_tokens => 10));
 is($reqs->[0] && $reqs->[0]{body}, chat('small', 1, max_tokens => 10),
     'clamp, fitting body untouched');
+
+# the body written again keeps what it said, escapes decoded or not
+
+my $odd = '{"model":"small","max_tokens":1000,"temperature":0.50,'
+    . '"m\u0065tadata":{"k":[1,2.5e3,true,false,null,{}]},'
+    . '"messages":[{"role":"user","content":'
+    . '"caf\u00e9 \ud83d\ude00 \"q\" \\\\ \/ \n\t\u0001 \u0000"}]}';
+
+($r, $j, $reqs) = post('/clamp/chat/completions', $odd);
+my $want = TBTest::json_decode($odd);
+$want->{max_tokens} = 100 - $r->{headers}{'x-tb-prompt'};
+
+is_deeply($reqs->[0]
+    ? TBTest::json_decode(Encode::encode_utf8($reqs->[0]{body})) : {},
+    $want, 'clamp, the body kept');
+like($reqs->[0] ? $reqs->[0]{body} : '', qr/"temperature":0\.50,/,
+    'clamp, numbers as written');
 
 ($r, $j, $reqs) = post('/clamp/chat/completions',
     chat('small', 20, max_tokens => 10));
