@@ -70,6 +70,16 @@ http {
             proxy_pass http://%%UPSTREAM%%/v1/;
         }
 
+        location /named/ {
+            token_budget_header X-Prompt-Tokens;
+            proxy_pass http://%%UPSTREAM%%/v1/;
+        }
+
+        location /noheader/ {
+            token_budget_header off;
+            proxy_pass http://%%UPSTREAM%%/v1/;
+        }
+
         location /custom/ {
             token_budget_format chat;
             proxy_pass http://%%UPSTREAM%%/v1/chat/completions;
@@ -206,7 +216,7 @@ my @cases = (
       16 ],
 );
 
-$t->plan(2 * @cases + 55);
+$t->plan(2 * @cases + 59);
 
 ###############################################################################
 
@@ -408,6 +418,20 @@ is($r->{headers}{'x-tb-method'}, 'image_bound', 'image, unreadable data url');
     . png(200, 200) . '"}},{"type":"text","text":"Hello!"}]}]}');
 is($r->{headers}{'x-tb-prompt'}, 3 + 1 + 2 + 54,
     'anthropic image, 200 x 200');
+
+# token_budget_header: another name, or none; a client's header of that
+# name is replaced, other headers are the client's business
+
+($r, $reqs) = post('/named/chat/completions', $cases[0][4],
+    'X-Prompt-Tokens' => 1, 'X-Token-Count' => 2);
+is($reqs->[0] && $reqs->[0]{headers}{'x-prompt-tokens'}, 9, 'header name');
+is($reqs->[0] && $reqs->[0]{headers}{'x-token-count'}, 2,
+    'header name, the default left alone');
+
+($r, $reqs) = post('/noheader/chat/completions', $cases[0][4]);
+ok($reqs->[0] && !exists $reqs->[0]{headers}{'x-token-count'},
+    'header off');
+is($r->{headers}{'x-tb-prompt'}, 9, 'header off, still counted');
 
 # not counted: no variables
 
