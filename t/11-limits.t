@@ -16,7 +16,7 @@ use Encode ();
 use Test::More;
 use TBTest;
 
-my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(86);
+my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(90);
 
 %%TEST_GLOBALS%%
 
@@ -294,6 +294,18 @@ is($reqs->[0] && $reqs->[0]{headers}{'x-token-count'}, 21,
 
 ($r, $j, $reqs) = post('/dry/chat/completions', chat('gpt-big', 2));
 is($r->{headers}{'x-tb-status'}, 'PASSED', 'dry run, passed');
+
+# a dry run forwards a body it cannot count too, without any count
+
+upstream_reset();
+$r = http_post('/dry/chat/completions', '{"model":"gpt-9","messages":[]}',
+    'X-Token-Count' => 5);
+$reqs = upstream_requests();
+is($r->{headers}{'x-tb-status'}, 'ERROR', 'dry run, bad body, status');
+is($r->{headers}{'x-tb-reason'}, 'model_not_found', 'dry run, bad body, reason');
+is(scalar @$reqs, 1, 'dry run, bad body, forwarded');
+ok($reqs->[0] && !exists $reqs->[0]{headers}{'x-token-count'},
+    'dry run, bad body, no count');
 
 # token_budget_clamp
 
