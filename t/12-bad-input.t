@@ -169,7 +169,7 @@ my @bad = (
       'Content-Encoding' => 'gzip' ],
 );
 
-$t->plan(4 * @bad + 51);
+$t->plan(4 * @bad + 58);
 
 ###############################################################################
 
@@ -253,6 +253,19 @@ for my $c (@bad) {
 }
 
 my ($r, $j, $reqs);
+
+# errors in the Anthropic shape on its path
+
+($r, $j, $reqs) = post('/v1/messages', '{"model":"claude-x",');
+is($r->{status}, 400, 'anthropic, invalid json');
+is($j->{type}, 'error', 'anthropic, invalid json, shape');
+is($j->{error}{type}, 'invalid_request_error', 'anthropic, invalid json, type');
+like($j->{error}{message}, qr/truncated/, 'anthropic, invalid json, message');
+
+($r, $j, $reqs) = post('/v1/messages', $ok, 'Content-Type' => 'text/plain');
+is($r->{status}, 415, 'anthropic, content type');
+is($j->{type}, 'error', 'anthropic, content type, shape');
+is(scalar @$reqs, 0, 'anthropic, content type, not forwarded');
 
 # the error for an unknown model names it in the variables
 
