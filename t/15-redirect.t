@@ -76,6 +76,8 @@ http {
             error_page 503 = @fallback;
         }
 
+        # decided already: a limit here would refuse the request
+
         location @fallback {
             token_budget_max_input 5;
             proxy_set_header X-Mock "";
