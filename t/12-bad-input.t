@@ -138,6 +138,15 @@ my @bad = (
       . qq("content":"\xc0\xaf"}]}), 400, 'invalid_json' ],
     [ 'utf-8 surrogate', qq({"model":"gpt-4o","messages":[{"role":"user",)
       . qq("content":"\xed\xa0\x80"}]}), 400, 'invalid_json' ],
+    [ 'unpaired high surrogate escape',
+      '{"model":"gpt-4o","messages":[{"role":"user","content":"\ud800"}]}',
+      400, 'invalid_json' ],
+    [ 'unpaired low surrogate escape',
+      '{"model":"gpt-4o","messages":[{"role":"user","content":"\udc00x"}]}',
+      400, 'invalid_json' ],
+    [ 'high surrogate escape, then a letter',
+      '{"model":"gpt-4o","messages":[{"role":"user",'
+      . '"content":"\ud83d\u0041"}]}', 400, 'invalid_json' ],
     [ 'invalid utf-8 in a key', qq({"model":"gpt-4o","\xff":1,$hello}),
       400, 'invalid_json' ],
     [ 'deep nesting', '[' x 10000 . ']' x 10000, 400, 'invalid_json' ],
@@ -288,7 +297,7 @@ is(sent($reqs, 'x-token-count'), 11, 'escaped keys, counted');
     . '"name":"bob"}]}');
 is(sent($reqs, 'x-token-count'), 11, 'escaped keys, the same plain');
 
-# escapes that are valid: a NUL, a lone surrogate pair half is not
+# an escaped NUL is valid
 
 ($r, $j, $reqs) = post($chat,
     '{"model":"gpt-4o","messages":[{"role":"user","content":"a\u0000b"}]}');
