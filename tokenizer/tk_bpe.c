@@ -35,6 +35,8 @@ static uint32_t tk_longest(const tk_encoding_t *enc, const unsigned char *p,
     size_t n);
 static int tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
 static uint32_t tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
+static void tk_merge_put(tk_encoding_t *enc, uint32_t a, uint32_t b,
+    uint32_t m);
 static uint32_t tk_trie_child(const tk_encoding_t *enc, uint32_t node,
     unsigned char c);
 static void tk_trie_put(tk_encoding_t *enc, uint32_t key, uint32_t child);
@@ -254,10 +256,25 @@ tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n)
     size_t    i;
     uint32_t  node, best;
 
-    node = 0;
-    best = TK_NONE;
+    best = enc->byte_rank[p[0]];
 
-    for (i = 0; i < n; i++) {
+    if (n == 1) {
+        return best;
+    }
+
+    /* the first two bytes at once */
+
+    node = enc->trie2[p[0] << 8 | p[1]];
+
+    if (node == TK_NONE) {
+        return best;
+    }
+
+    if (enc->trie_token[node] != TK_NONE) {
+        best = enc->trie_token[node];
+    }
+
+    for (i = 2; i < n; i++) {
         node = tk_trie_child(enc, node, p[i]);
 
         if (node == TK_NONE) {
@@ -319,23 +336,52 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 }
 
 
+/*
+ * the token that merging a and b makes: a part is only ever formed by its
+ * own last merge, so the pairs are those of the tokens' splits
+ */
+
 static uint32_t
 tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 {
-    size_t         la, lb;
-    unsigned char  buf[TK_MAX_TOKEN_LEN];
+    uint32_t  i;
+    uint64_t  key, e;
 
-    la = tk_token_len(enc, a);
-    lb = tk_token_len(enc, b);
+    key = (uint64_t) a << 20 | b;
 
-    if (la + lb > enc->max_len) {
-        return TK_NONE;
+    for (i = (uint32_t) ((key * 0x9e3779b97f4a7c15ULL) >> 40) & enc->merge_mask;
+         /* void */;
+         i = (i + 1) & enc->merge_mask)
+    {
+        e = enc->merge[i];
+
+        if (e == 0) {
+            return TK_NONE;
+        }
+
+        if (e >> 20 == key) {
+            return (uint32_t) (e & 0xfffff);
+        }
+    }
+}
+
+
+static void
+tk_merge_put(tk_encoding_t *enc, uint32_t a, uint32_t b, uint32_t m)
+{
+    uint32_t  i;
+    uint64_t  key;
+
+    key = (uint64_t) a << 20 | b;
+
+    for (i = (uint32_t) ((key * 0x9e3779b97f4a7c15ULL) >> 40) & enc->merge_mask;
+         enc->merge[i] != 0;
+         i = (i + 1) & enc->merge_mask)
+    {
+        /* void */
     }
 
-    memcpy(buf, enc->bytes + enc->offset[a], la);
-    memcpy(buf + la, enc->bytes + enc->offset[b], lb);
-
-    return tk_rank(enc, buf, la + lb);
+    enc->merge[i] = key << 20 | m;
 }
 
 
@@ -475,6 +521,29 @@ tk_bpe_prepare(tk_encoding_t *enc)
         }
     }
 
+    /* the merges, at a load of at most a half */
+
+    for (size = 1024; size < 2 * (size_t) enc->ntokens; size <<= 1) {
+        /* void */
+    }
+
+    enc->merge_mask = size - 1;
+    enc->merge = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
+
+    if (enc->merge == NULL) {
+        tk_free(&enc->allocator, reachable);
+        return TK_ENOMEM;
+    }
+
+    memset(enc->merge, 0, size * sizeof(uint64_t));
+    enc->memory += size * sizeof(uint64_t);
+
+    for (id = 0; id < enc->nids; id++) {
+        if (enc->split[2 * id] != id) {
+            tk_merge_put(enc, enc->split[2 * id], enc->split[2 * id + 1], id);
+        }
+    }
+
     /* the trie: at most one node per byte of the reachable tokens */
 
     for (size = 1024; size < 2 * total; size <<= 1) { /* void */ }
@@ -529,6 +598,21 @@ tk_bpe_prepare(tk_encoding_t *enc)
 
         tk_free(&enc->allocator, old);
     }
+
+    enc->trie2 = tk_alloc(&enc->allocator, 65536 * sizeof(uint32_t));
+    if (enc->trie2 == NULL) {
+        return TK_ENOMEM;
+    }
+
+    for (k = 0; k < 65536; k++) {
+        node = tk_trie_child(enc, 0, (unsigned char) (k >> 8));
+
+        enc->trie2[k] = (node == TK_NONE)
+                        ? TK_NONE
+                        : tk_trie_child(enc, node, (unsigned char) (k & 0xff));
+    }
+
+    enc->memory += 65536 * sizeof(uint32_t);
 
     nodes = tk_alloc(&enc->allocator, enc->trie_nodes * sizeof(uint32_t));
     if (nodes == NULL) {

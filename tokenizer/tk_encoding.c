@@ -514,6 +514,8 @@ tk_encoding_free(tk_encoding_t *enc)
     tk_free(&a, enc->next_prefix);
     tk_free(&a, enc->trie_token);
     tk_free(&a, enc->trie_edge);
+    tk_free(&a, enc->merge);
+    tk_free(&a, enc->trie2);
     tk_free(&a, enc);
 }
 
@@ -540,6 +542,10 @@ tk_encode(const tk_encoding_t *enc, const unsigned char *text, size_t len,
     size_t                n;
     tk_out_t              out;
     const unsigned char  *p, *end;
+
+    if (len == 0) {
+        return 0;
+    }
 
     out.ids = ids;
     out.max = max;

@@ -67,6 +67,9 @@ struct tk_encoding_s {
     uint64_t             *trie_edge;    /* (node << 8 | byte) + 1, child */
     uint32_t              trie_mask;
     uint32_t              trie_nodes;
+    uint32_t             *trie2;        /* the nodes of two bytes, 65536 */
+    uint64_t             *merge;        /* (a << 20 | b) << 20 | token */
+    uint32_t              merge_mask;
 
     size_t                memory;
 };
