@@ -601,11 +601,28 @@ ngx_http_tb_json_str_write(u_char *p, ngx_str_t *s)
 static ngx_int_t
 ngx_http_tb_json_utf8(const u_char *p, size_t len)
 {
+    uint64_t       w;
     const u_char  *end;
 
     end = p + len;
 
     while (p < end) {
+
+        /* ASCII eight bytes at a time */
+
+        while (end - p >= 8) {
+            ngx_memcpy(&w, p, 8);
+
+            if (w & 0x8080808080808080ULL) {
+                break;
+            }
+
+            p += 8;
+        }
+
+        if (p == end) {
+            break;
+        }
 
         if (*p < 0x80) {
             p++;

@@ -37,6 +37,8 @@ function body(size, model) {
 }
 fs.writeFileSync(process.argv[1] + "/small.json", body(3900, "gpt-4o"));
 fs.writeFileSync(process.argv[1] + "/large.json", body(500000, "gpt-4.1"));
+fs.writeFileSync(process.argv[1] + "/tiny.json", JSON.stringify({model: "gpt-4o",
+    max_tokens: 1, messages: [{role: "user", content: "Hi"}]}));
 ' "$dir"
 
 cat > "$dir/post.lua" <<'END'
@@ -45,6 +47,13 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Tenant"] = "acme"
+local n = 0
+request = function()
+    n = n + 1
+    wrk.headers["X-User"] = "user" .. (n % 1000)
+    return wrk.format()
+end
 END
 
 cat > "$dir/nginx.conf" <<END
@@ -58,6 +67,9 @@ http {
     token_budget_encoding o200k_base $repo/data/o200k_base.tiktoken;
     token_budget_encoding cl100k_base $repo/data/cl100k_base.tiktoken;
     include $repo/data/models.conf;
+
+    token_budget_zone \$http_x_user zone=users:16m tokens=1000000000 per=1m;
+    token_budget_zone \$http_x_tenant zone=tenants:16m tokens=1000000000 per=1d;
 
     access_log off;
     client_body_temp_path $dir/client_body_temp;
@@ -81,6 +93,19 @@ http {
             proxy_pass http://llm/v1/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+        }
+
+        location /limited/v1/ {
+            token_budget on;
+            token_budget_limit zone=users;
+            token_budget_limit zone=tenants;
+            proxy_pass http://llm/v1/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+
+        location /budget/ {
+            token_budget_api;
         }
 
         location /off/v1/ {
@@ -127,12 +152,44 @@ curl -s -o /dev/null -w "check: %{http_code}\n" \
 
 on=$(rps on small 16)
 off=$(rps off small 16)
+limited=$(rps limited small 16)
 
 echo "4 KB chat body, 16 connections, $secs s each:"
-echo "  module off: $off requests/s"
-echo "  module on:  $on requests/s"
-awk -v on="$on" -v off="$off" \
-    'BEGIN { printf "  ratio:      %.1f%%\n", 100 * on / off }'
+echo "  module off:               $off requests/s"
+echo "  module on:                $on requests/s"
+echo "  module on, two limits:    $limited requests/s (1000 users, 1 tenant)"
+awk -v on="$on" -v off="$off" -v lim="$limited" \
+    'BEGIN { printf "  on / off:                 %.1f%%\n", 100 * on / off;
+             printf "  two limits / off:         %.1f%%\n", 100 * lim / off }'
+
+# memory per key: free slab pages before and after 20000 new keys
+
+pages() {
+    curl -s "http://127.0.0.1:$port/budget/zones" \
+        | sed -e 's/.*"name":"users"[^}]*"free_pages":\([0-9]*\).*/\1/'
+}
+
+before=$(pages)
+cat > "$dir/keys.lua" <<'END'
+local f = io.open(os.getenv("TB_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+local n = 0
+request = function()
+    n = n + 1
+    wrk.headers["X-User"] = "k" .. n .. "-" .. math.random(1e9)
+    return wrk.format()
+end
+END
+TB_BODY=$dir/tiny.json wrk -t1 -c4 -d3s -s "$dir/keys.lua" \
+    "http://127.0.0.1:$port/limited/v1/chat/completions" > "$dir/wrk.out"
+after=$(pages)
+keys=$(curl -s "http://127.0.0.1:$port/budget/zones" \
+    | sed -e 's/.*"name":"users"[^}]*"keys":\([0-9]*\).*/\1/')
+echo "zone memory: $keys keys took $((before - after)) pages of 4096 bytes:" \
+    "$(( (before - after) * 4096 / (keys > 1 ? keys - 1000 : 1) )) bytes a key"
 
 echo "500 KB chat body, one connection, mean / p50 / p99 latency:"
 echo "  module off: $(latency off large)"
