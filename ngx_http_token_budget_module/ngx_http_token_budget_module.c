@@ -58,6 +58,7 @@ typedef struct {
     ngx_http_tb_refusal_t        refusal;
     time_t                       retry_after;
     ngx_uint_t                   reading_usage;
+    ngx_uint_t                   replace;
     ngx_http_tb_usage_t          usage;
 } ngx_http_tb_ctx_t;
 
@@ -88,6 +89,8 @@ static u_char *ngx_http_tb_escape(u_char *p, ngx_str_t *s);
 static ngx_int_t ngx_http_tb_limit(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, ngx_uint_t dry_run);
 static ngx_int_t ngx_http_tb_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_tb_nginx_error(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx);
 static ngx_int_t ngx_http_tb_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);
 static ngx_int_t ngx_http_tb_add_header(ngx_http_request_t *r,
@@ -757,7 +760,7 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
 
         room = (c.prompt < limit) ? limit - c.prompt : 0;
 
-        if (tlcf->clamp && room > 0
+        if (tlcf->clamp && room > 0 && c.output_field
             && c.format != NGX_HTTP_TB_FORMAT_EMBEDDINGS
             && !(c.method & NGX_HTTP_TB_ESTIMATE))
         {
@@ -1005,6 +1008,10 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
 
     ctx = ngx_http_tb_get_ctx(r);
 
+    if (r->err_status >= NGX_HTTP_BAD_REQUEST && (ctx == NULL || !ctx->done)) {
+        return ngx_http_tb_nginx_error(r, ctx);
+    }
+
     if (ctx == NULL || !ctx->done) {
         return ngx_http_next_header_filter(r);
     }
@@ -1080,6 +1087,76 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
 }
 
 
+/*
+ * nginx's own errors on an API the module counts (a body over
+ * client_max_body_size, a bad chunked body, a missing length) get a JSON
+ * body like the module's, instead of an HTML page
+ */
+
+static ngx_int_t
+ngx_http_tb_nginx_error(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
+{
+    ngx_int_t                rc;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    if (!tlcf->enable || r->method != NGX_HTTP_POST
+        || r->headers_out.status != r->err_status
+        || ngx_http_tb_format(r, tlcf) == NGX_HTTP_TB_FORMAT_AUTO)
+    {
+        return ngx_http_next_header_filter(r);
+    }
+
+    if (ctx == NULL) {
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_tb_ctx_t));
+        if (ctx == NULL) {
+            return NGX_ERROR;
+        }
+
+        ctx->format = ngx_http_tb_format(r, tlcf);
+        ctx->model_index = -1;
+        ctx->request = r;
+        ngx_http_set_ctx(r, ctx, ngx_http_token_budget_module);
+    }
+
+    ctx->decision = NGX_HTTP_TB_ERROR;
+
+    switch (r->err_status) {
+
+    case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
+        ngx_http_tb_fail(ctx, r->err_status, "request_too_large",
+                         "the body is larger than client_max_body_size");
+        break;
+
+    case NGX_HTTP_LENGTH_REQUIRED:
+        ngx_http_tb_fail(ctx, r->err_status, "length_required",
+                         "the request needs a Content-Length or a chunked "
+                         "body");
+        break;
+
+    case NGX_HTTP_BAD_REQUEST:
+        ngx_http_tb_fail(ctx, r->err_status, "invalid_request",
+                         "the request or its body is malformed");
+        break;
+
+    default:
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx->reason = ctx->error.code;
+    ctx->done = 1;
+
+    rc = ngx_http_tb_send_error(r, ctx);
+
+    /* nginx's page, sent next, is dropped by the body filter */
+
+    ctx->replace = 1;
+
+    return rc;
+}
+
+
 static ngx_int_t
 ngx_http_tb_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 {
@@ -1092,6 +1169,17 @@ ngx_http_tb_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     }
 
     ctx = ngx_http_tb_get_ctx(r);
+
+    if (ctx && ctx->replace) {
+        /* nginx's page gives way to the JSON body already sent */
+
+        for (cl = in; cl; cl = cl->next) {
+            cl->buf->pos = cl->buf->last;
+            cl->buf->file_pos = cl->buf->file_last;
+        }
+
+        return NGX_OK;
+    }
 
     if (ctx == NULL || !ctx->reading_usage) {
         return ngx_http_next_body_filter(r, in);
@@ -1375,49 +1463,19 @@ ngx_http_tb_clamp(ngx_http_request_t *r, ngx_http_tb_count_t *c,
 {
     u_char              *p;
     ngx_str_t            body;
-    ngx_http_tb_json_t  *v, *last;
+    ngx_http_tb_json_t  *v;
 
     p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
     if (p == NULL) {
         return NGX_ERROR;
     }
 
+    /*
+     * only a limit the body sets can be over: without one, the output
+     * reserved is what fits
+     */
+
     v = c->output_field;
-
-    if (v == NULL) {
-        v = ngx_pcalloc(r->pool, sizeof(ngx_http_tb_json_t));
-        if (v == NULL) {
-            return NGX_ERROR;
-        }
-
-        switch (c->format) {
-
-        case NGX_HTTP_TB_FORMAT_CHAT:
-            ngx_str_set(&v->key, "max_completion_tokens");
-            break;
-
-        case NGX_HTTP_TB_FORMAT_RESPONSES:
-            ngx_str_set(&v->key, "max_output_tokens");
-            break;
-
-        default:
-            ngx_str_set(&v->key, "max_tokens");
-            break;
-        }
-
-        for (last = c->root->first; last && last->next; last = last->next) {
-            /* void */
-        }
-
-        if (last) {
-            last->next = v;
-
-        } else {
-            c->root->first = v;
-        }
-
-        c->root->n++;
-    }
 
     v->type = NGX_HTTP_TB_JSON_NUMBER;
     v->str.data = p;
@@ -2376,6 +2434,11 @@ ngx_http_tb_header(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     if (ngx_strcmp(value[1].data, "off") == 0) {
         ngx_str_set(&tlcf->header, "");
         return NGX_CONF_OK;
+    }
+
+    if (value[1].len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid header name \"\"");
+        return NGX_CONF_ERROR;
     }
 
     for (i = 0; i < value[1].len; i++) {

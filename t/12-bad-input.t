@@ -397,23 +397,15 @@ is(sent($reqs, 'x-token-count'), 9, 'max_body, small gzip');
 is($r->{status}, 413, 'client_max_body_size');
 is(scalar @$reqs, 0, 'client_max_body_size, not forwarded');
 
-TODO: {
-    local $TODO = 'nginx\'s HTML page for client_max_body_size';
-
-    like($r->{headers}{'content-type'}, qr{^application/json},
-        'client_max_body_size, json');
-    is($j->{error}{code}, 'request_too_large', 'client_max_body_size, code');
-}
+like($r->{headers}{'content-type'}, qr{^application/json},
+    'client_max_body_size, json');
+is($j->{error}{code}, 'request_too_large', 'client_max_body_size, code');
 
 ($r, $j, $reqs) = post('/tiny/chat/completions', $long, -chunked => 100);
 is($r->{status}, 413, 'client_max_body_size, chunked');
 
-TODO: {
-    local $TODO = 'nginx\'s HTML page for client_max_body_size';
-
-    like($r->{headers}{'content-type'}, qr{^application/json},
-        'client_max_body_size, chunked, json');
-}
+like($r->{headers}{'content-type'}, qr{^application/json},
+    'client_max_body_size, chunked, json');
 
 is(scalar @$reqs, 0, 'client_max_body_size, chunked, not forwarded');
 

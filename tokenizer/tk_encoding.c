@@ -10,11 +10,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <errno.h>
+#include <sys/stat.h>
 
 #include "tk_internal.h"
 
 
 #define TK_MAX_RANK   (1U << 20)
+#define TK_MAX_FILE   (256L * 1024 * 1024)
 
 
 typedef struct {
@@ -194,6 +196,7 @@ tk_encoding_load(const char *path, tk_pattern_e pattern,
     long            size;
     FILE           *f;
     size_t          n;
+    struct stat     st;
     unsigned char  *data;
     tk_encoding_t  *enc;
 
@@ -207,13 +210,19 @@ tk_encoding_load(const char *path, tk_pattern_e pattern,
         return NULL;
     }
 
-    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0
-        || fseek(f, 0, SEEK_SET) != 0)
-    {
+    if (fstat(fileno(f), &st) != 0) {
         snprintf(err, errlen, "cannot read \"%s\": %s", path, strerror(errno));
         fclose(f);
         return NULL;
     }
+
+    if (!S_ISREG(st.st_mode) || st.st_size > TK_MAX_FILE) {
+        snprintf(err, errlen, "\"%s\" is not a vocabulary file", path);
+        fclose(f);
+        return NULL;
+    }
+
+    size = (long) st.st_size;
 
     data = tk_alloc(allocator, size + 1);
     if (data == NULL) {
