@@ -177,21 +177,43 @@ typedef struct {
 } ngx_http_tb_top_t;
 
 
+#define NGX_HTTP_TB_USAGE_DEPTH         16
+
 typedef struct {
     void                        *handle;    /* yajl_handle */
+    ngx_pool_t                  *pool;
     ngx_uint_t                   depth;
     ngx_uint_t                   in_usage;
+    ngx_uint_t                   in_delta;
     ngx_uint_t                   key;
+    ngx_uint_t                   key_id;
     ngx_uint_t                   failed;
     ngx_uint_t                   seen;
     uint64_t                     value[6];
+    u_char                       stack[NGX_HTTP_TB_USAGE_DEPTH];
+
+    /* server-sent events */
+    ngx_uint_t                   sse;
+    u_char                      *line;
+    size_t                       line_len;
+    size_t                       line_size;
+    ngx_uint_t                   line_overflow;
+    ngx_uint_t                   skip_lf;
+    ngx_uint_t                   counting;
+    ngx_uint_t                   counted;
+    ngx_uint_t                   done;
+    int64_t                      output;
+    tk_counter_t                 counter;
 } ngx_http_tb_usage_t;
 
 
-ngx_int_t ngx_http_tb_usage_init(ngx_pool_t *pool, ngx_http_tb_usage_t *u);
+ngx_int_t ngx_http_tb_usage_init(ngx_pool_t *pool, ngx_http_tb_usage_t *u,
+    ngx_uint_t sse, tk_encoding_t *enc);
 void ngx_http_tb_usage_feed(ngx_http_tb_usage_t *u, u_char *p, size_t len,
     ngx_uint_t last);
 ngx_int_t ngx_http_tb_usage_get(ngx_http_tb_usage_t *u, uint64_t *prompt,
+    uint64_t *output);
+ngx_int_t ngx_http_tb_usage_counted(ngx_http_tb_usage_t *u,
     uint64_t *output);
 
 ngx_msec_t ngx_http_tb_zone_now(void);

@@ -51,6 +51,7 @@ typedef struct {
     ngx_http_tb_error_t          error;
 
     ngx_http_request_t          *request;
+    tk_encoding_t               *enc;
     ngx_int_t                    model_index;
     ngx_uint_t                   limited;
     ngx_uint_t                   nres;
@@ -559,6 +560,16 @@ ngx_http_tb_cleanup(void *data)
                                         drift < 0 ? -drift : drift);
         }
 
+    } else if (ngx_http_tb_usage_counted(&ctx->usage, &output) == NGX_OK) {
+        /* a stream without usage: its text was counted as it passed */
+        prompt = ctx->prompt;
+
+        if (m && ctx->model_index >= 0) {
+            (void) ngx_atomic_fetch_add(
+                       &m->model[ctx->model_index][NGX_HTTP_TB_M_COMPLETION],
+                       output);
+        }
+
     } else {
         output = 0;
         prompt = (r->upstream && r->upstream->request_sent) ? ctx->prompt : 0;
@@ -699,6 +710,7 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
     ctx->method = c.method;
     ctx->prompt = c.prompt;
     ctx->model_index = c.model - (ngx_http_tb_model_t *) tmcf->models.elts;
+    ctx->enc = c.model->encoding->enc;
 
     if (c.format == NGX_HTTP_TB_FORMAT_EMBEDDINGS) {
         reserve = 0;
@@ -999,6 +1011,7 @@ static ngx_int_t
 ngx_http_tb_header_filter(ngx_http_request_t *r)
 {
     u_char             *p;
+    ngx_uint_t          sse;
     ngx_str_t           value;
     ngx_http_tb_ctx_t  *ctx;
 
@@ -1024,7 +1037,13 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
         && r->headers_out.status >= NGX_HTTP_OK
         && r->headers_out.status < NGX_HTTP_SPECIAL_RESPONSE)
     {
-        if (ngx_http_tb_usage_init(r->pool, &ctx->usage) != NGX_OK) {
+        sse = (r->headers_out.content_type.len >= 17
+               && ngx_strncasecmp(r->headers_out.content_type.data,
+                                  (u_char *) "text/event-stream", 17) == 0);
+
+        if (ngx_http_tb_usage_init(r->pool, &ctx->usage, sse, ctx->enc)
+            != NGX_OK)
+        {
             return NGX_ERROR;
         }
 
@@ -1788,7 +1807,9 @@ ngx_http_tb_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         {
         uint64_t  prompt, output;
 
-        if (ngx_http_tb_usage_get(&ctx->usage, &prompt, &output) != NGX_OK) {
+        if (ngx_http_tb_usage_get(&ctx->usage, &prompt, &output) != NGX_OK
+            && ngx_http_tb_usage_counted(&ctx->usage, &output) != NGX_OK)
+        {
             v->not_found = 1;
             return NGX_OK;
         }
@@ -1811,6 +1832,27 @@ ngx_http_tb_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         if (ctx->decision != NGX_HTTP_TB_ERROR) {
             s = ngx_http_tb_methods[ctx->method & 3];
         }
+
+        {
+        uint64_t  prompt, output;
+
+        if (s.len && ctx->reading_usage
+            && ngx_http_tb_usage_get(&ctx->usage, &prompt, &output)
+               != NGX_OK
+            && ngx_http_tb_usage_counted(&ctx->usage, &output) == NGX_OK)
+        {
+            /* the output was counted here, the upstream reported none */
+
+            p = ngx_pnalloc(r->pool, s.len + sizeof("+output_counted"));
+            if (p == NULL) {
+                return NGX_ERROR;
+            }
+
+            s.len = ngx_sprintf(p, "%V+output_counted", &s) - p;
+            s.data = p;
+        }
+        }
+
         break;
 
     case NGX_HTTP_TB_VAR_STATUS:

@@ -2,11 +2,19 @@
 /*
  * Copyright (C) The token budget authors
  *
- * The "usage" an upstream reports in a JSON response, read as the body
- * passes, piece by piece, without keeping it: OpenAI's prompt_tokens and
- * completion_tokens (chat, completions, embeddings), input_tokens and
- * output_tokens (the Responses API), and Anthropic's input_tokens,
- * cache_creation_input_tokens, cache_read_input_tokens and output_tokens.
+ * The "usage" an upstream reports, read as the response passes, piece by
+ * piece, without keeping it: OpenAI's prompt_tokens and completion_tokens
+ * (chat, completions, embeddings), input_tokens and output_tokens (the
+ * Responses API), and Anthropic's input_tokens, cache_creation_input_tokens,
+ * cache_read_input_tokens and output_tokens.
+ *
+ * A JSON response is one document.  A stream of server-sent events is
+ * split into events, and each event's data is a document of its own; the
+ * last value reported for each field wins (Anthropic reports the input in
+ * message_start and the output, as it grows, in message_delta).  When a
+ * stream reports no usage, the text it streams is counted instead: the
+ * strings under a "delta" (chat chunks, Anthropic content_block_delta),
+ * a Responses event's "delta", and a completions chunk's choices' "text".
  */
 
 
@@ -26,14 +34,31 @@
 #define NGX_HTTP_TB_USAGE_CACHE_NEW   4
 #define NGX_HTTP_TB_USAGE_CACHE_READ  5
 #define NGX_HTTP_TB_USAGE_OTHER       6
+#define NGX_HTTP_TB_USAGE_MARK        7     /* the key "usage" */
+
+/* the keys that matter for the streamed text */
+#define NGX_HTTP_TB_KEY_NONE          0
+#define NGX_HTTP_TB_KEY_DELTA         1
+#define NGX_HTTP_TB_KEY_CHOICES       2
+#define NGX_HTTP_TB_KEY_TEXT          3     /* "text" */
+#define NGX_HTTP_TB_KEY_TEXTLIKE      4     /* content, partial_json, ... */
+
+#define NGX_HTTP_TB_SSE_LINE          (1024 * 1024)
 
 
+static ngx_int_t ngx_http_tb_usage_open(ngx_http_tb_usage_t *u);
+static void ngx_http_tb_usage_close(ngx_http_tb_usage_t *u,
+    ngx_uint_t complete);
+static void ngx_http_tb_usage_line(ngx_http_tb_usage_t *u, u_char *p,
+    size_t len);
 static int ngx_http_tb_usage_number(void *data, const char *s, size_t len);
 static int ngx_http_tb_usage_value(void *data);
 static int ngx_http_tb_usage_bool(void *data, int v);
 static int ngx_http_tb_usage_string(void *data, const unsigned char *s,
     size_t len);
-static int ngx_http_tb_usage_start(void *data);
+static int ngx_http_tb_usage_start(ngx_http_tb_usage_t *u, ngx_uint_t array);
+static int ngx_http_tb_usage_start_map(void *data);
+static int ngx_http_tb_usage_start_array(void *data);
 static int ngx_http_tb_usage_key(void *data, const unsigned char *s,
     size_t len);
 static int ngx_http_tb_usage_end(void *data);
@@ -47,37 +72,78 @@ static yajl_callbacks  ngx_http_tb_usage_callbacks = {
     NULL,
     ngx_http_tb_usage_number,
     ngx_http_tb_usage_string,
-    ngx_http_tb_usage_start,
+    ngx_http_tb_usage_start_map,
     ngx_http_tb_usage_key,
     ngx_http_tb_usage_end,
-    ngx_http_tb_usage_start,
+    ngx_http_tb_usage_start_array,
     ngx_http_tb_usage_end
 };
 
 
 ngx_int_t
-ngx_http_tb_usage_init(ngx_pool_t *pool, ngx_http_tb_usage_t *u)
+ngx_http_tb_usage_init(ngx_pool_t *pool, ngx_http_tb_usage_t *u,
+    ngx_uint_t sse, tk_encoding_t *enc)
 {
     ngx_pool_cleanup_t  *cln;
 
     ngx_memzero(u, sizeof(ngx_http_tb_usage_t));
 
-    u->handle = yajl_alloc(&ngx_http_tb_usage_callbacks, NULL, u);
-    if (u->handle == NULL) {
-        return NGX_ERROR;
-    }
+    u->pool = pool;
+    u->sse = sse;
 
     cln = ngx_pool_cleanup_add(pool, 0);
     if (cln == NULL) {
-        yajl_free((yajl_handle) u->handle);
-        u->handle = NULL;
         return NGX_ERROR;
     }
 
     cln->handler = ngx_http_tb_usage_cleanup;
     cln->data = u;
 
+    if (sse && enc) {
+        tk_counter_init(&u->counter, enc);
+        u->counting = 1;
+    }
+
+    if (!sse) {
+        return ngx_http_tb_usage_open(u);
+    }
+
     return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_tb_usage_open(ngx_http_tb_usage_t *u)
+{
+    u->handle = yajl_alloc(&ngx_http_tb_usage_callbacks, NULL, u);
+    if (u->handle == NULL) {
+        return NGX_ERROR;
+    }
+
+    u->depth = 0;
+    u->in_usage = 0;
+    u->in_delta = 0;
+    u->key = NGX_HTTP_TB_USAGE_OTHER;
+    u->key_id = NGX_HTTP_TB_KEY_NONE;
+    u->failed = 0;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_tb_usage_close(ngx_http_tb_usage_t *u, ngx_uint_t complete)
+{
+    if (u->handle == NULL) {
+        return;
+    }
+
+    if (complete && !u->failed) {
+        (void) yajl_complete_parse((yajl_handle) u->handle);
+    }
+
+    yajl_free((yajl_handle) u->handle);
+    u->handle = NULL;
 }
 
 
@@ -85,16 +151,154 @@ void
 ngx_http_tb_usage_feed(ngx_http_tb_usage_t *u, u_char *p, size_t len,
     ngx_uint_t last)
 {
-    if (u->handle == NULL || u->failed) {
+    u_char  *end, *eol, *buf;
+    size_t   n, size;
+
+    if (!u->sse) {
+        if (u->handle == NULL || u->failed) {
+            return;
+        }
+
+        if (len && yajl_parse((yajl_handle) u->handle, p, len)
+                   != yajl_status_ok)
+        {
+            u->failed = 1;
+            return;
+        }
+
+        if (last && yajl_complete_parse((yajl_handle) u->handle)
+                    != yajl_status_ok)
+        {
+            u->failed = 1;
+        }
+
         return;
     }
 
-    if (len && yajl_parse((yajl_handle) u->handle, p, len) != yajl_status_ok) {
-        u->failed = 1;
+    /* server-sent events: lines end in CR LF, LF or CR */
+
+    end = p + len;
+
+    while (p < end) {
+
+        if (u->skip_lf) {
+            u->skip_lf = 0;
+
+            if (*p == '\n') {
+                p++;
+                continue;
+            }
+        }
+
+        for (eol = p; eol < end && *eol != '\n' && *eol != '\r'; eol++) {
+            /* void */
+        }
+
+        n = eol - p;
+
+        if (eol == end || u->line_len) {
+            /* a line in pieces: keep it until its end */
+
+            if (u->line_len + n > NGX_HTTP_TB_SSE_LINE) {
+                u->line_len = 0;
+                u->line_overflow = 1;
+
+            } else if (!u->line_overflow) {
+                if (u->line_len + n > u->line_size) {
+                    size = ngx_max(2 * u->line_size, u->line_len + n);
+                    size = ngx_max(size, 1024);
+
+                    buf = ngx_pnalloc(u->pool, size);
+                    if (buf == NULL) {
+                        u->line_overflow = 1;
+                        u->line_len = 0;
+                        goto next;
+                    }
+
+                    ngx_memcpy(buf, u->line, u->line_len);
+                    u->line = buf;
+                    u->line_size = size;
+                }
+
+                ngx_memcpy(u->line + u->line_len, p, n);
+                u->line_len += n;
+            }
+
+        next:
+
+            if (eol == end) {
+                break;
+            }
+
+            if (!u->line_overflow) {
+                ngx_http_tb_usage_line(u, u->line, u->line_len);
+            }
+
+            u->line_len = 0;
+            u->line_overflow = 0;
+
+        } else {
+            ngx_http_tb_usage_line(u, p, n);
+        }
+
+        if (*eol == '\r') {
+            u->skip_lf = 1;
+        }
+
+        p = eol + 1;
+    }
+
+    if (last) {
+        if (u->line_len && !u->line_overflow) {
+            ngx_http_tb_usage_line(u, u->line, u->line_len);
+            u->line_len = 0;
+        }
+
+        ngx_http_tb_usage_close(u, 1);
+    }
+}
+
+
+static void
+ngx_http_tb_usage_line(ngx_http_tb_usage_t *u, u_char *p, size_t len)
+{
+    if (len == 0) {
+        /* the end of an event */
+        ngx_http_tb_usage_close(u, 1);
         return;
     }
 
-    if (last && yajl_complete_parse((yajl_handle) u->handle) != yajl_status_ok) {
+    if (len < 5 || ngx_strncmp(p, "data:", 5) != 0) {
+        /* comments, event names, ids, retry */
+        return;
+    }
+
+    p += 5;
+    len -= 5;
+
+    if (len && *p == ' ') {
+        p++;
+        len--;
+    }
+
+    if (len == 6 && ngx_strncmp(p, "[DONE]", 6) == 0) {
+        return;
+    }
+
+    if (u->handle == NULL && ngx_http_tb_usage_open(u) != NGX_OK) {
+        return;
+    }
+
+    if (u->failed) {
+        return;
+    }
+
+    /* data lines of one event are joined by a line feed */
+
+    if (yajl_parse((yajl_handle) u->handle, p, len) != yajl_status_ok
+        || yajl_parse((yajl_handle) u->handle, (u_char *) "\n", 1)
+           != yajl_status_ok)
+    {
         u->failed = 1;
     }
 }
@@ -105,26 +309,66 @@ ngx_http_tb_usage_cleanup(void *data)
 {
     ngx_http_tb_usage_t  *u = data;
 
-    if (u->handle) {
-        yajl_free((yajl_handle) u->handle);
-        u->handle = NULL;
+    ngx_http_tb_usage_close(u, 0);
+
+    if (u->counting) {
+        /* the count stays for the settlement, which may come later */
+
+        u->output = tk_counter_peek(&u->counter);
+        tk_counter_free(&u->counter);
+        u->counting = 0;
+        u->done = 1;
     }
 }
 
 
 static int
-ngx_http_tb_usage_start(void *data)
+ngx_http_tb_usage_start_map(void *data)
 {
-    ngx_http_tb_usage_t  *u = data;
+    return ngx_http_tb_usage_start(data, 0);
+}
+
+
+static int
+ngx_http_tb_usage_start_array(void *data)
+{
+    return ngx_http_tb_usage_start(data, 1);
+}
+
+
+static int
+ngx_http_tb_usage_start(ngx_http_tb_usage_t *u, ngx_uint_t array)
+{
+    ngx_uint_t  id;
 
     /* "usage" at the top, or in an Anthropic "message" or a "response" */
 
-    if (u->depth < 3 && u->key == NGX_HTTP_TB_USAGE_OTHER + 1) {
+    if (u->depth < 3 && u->key == NGX_HTTP_TB_USAGE_MARK) {
         u->in_usage = u->depth + 1;
+    }
+
+    /* an array's elements sit under the array's key */
+
+    if (u->depth && u->depth <= NGX_HTTP_TB_USAGE_DEPTH
+        && (u->stack[u->depth - 1] & 0x80))
+    {
+        id = u->stack[u->depth - 1] & 0x7f;
+
+    } else {
+        id = u->key_id;
+    }
+
+    if (u->depth < NGX_HTTP_TB_USAGE_DEPTH) {
+        u->stack[u->depth] = (u_char) (id | (array ? 0x80 : 0));
+    }
+
+    if (id == NGX_HTTP_TB_KEY_DELTA) {
+        u->in_delta++;
     }
 
     u->depth++;
     u->key = NGX_HTTP_TB_USAGE_OTHER;
+    u->key_id = NGX_HTTP_TB_KEY_NONE;
 
     return 1;
 }
@@ -140,7 +384,15 @@ ngx_http_tb_usage_end(void *data)
     }
 
     u->depth--;
+
+    if (u->depth < NGX_HTTP_TB_USAGE_DEPTH
+        && (u->stack[u->depth] & 0x7f) == NGX_HTTP_TB_KEY_DELTA)
+    {
+        u->in_delta--;
+    }
+
     u->key = NGX_HTTP_TB_USAGE_OTHER;
+    u->key_id = NGX_HTTP_TB_KEY_NONE;
 
     return 1;
 }
@@ -166,9 +418,36 @@ ngx_http_tb_usage_key(void *data, const unsigned char *s, size_t len)
         { ngx_null_string, 0 }
     };
 
+    static struct {
+        ngx_str_t   name;
+        ngx_uint_t  id;
+    } texts[] = {
+        { ngx_string("delta"), NGX_HTTP_TB_KEY_DELTA },
+        { ngx_string("choices"), NGX_HTTP_TB_KEY_CHOICES },
+        { ngx_string("text"), NGX_HTTP_TB_KEY_TEXT },
+        { ngx_string("content"), NGX_HTTP_TB_KEY_TEXTLIKE },
+        { ngx_string("partial_json"), NGX_HTTP_TB_KEY_TEXTLIKE },
+        { ngx_string("arguments"), NGX_HTTP_TB_KEY_TEXTLIKE },
+        { ngx_string("refusal"), NGX_HTTP_TB_KEY_TEXTLIKE },
+        { ngx_string("thinking"), NGX_HTTP_TB_KEY_TEXTLIKE },
+        { ngx_null_string, 0 }
+    };
+
     ngx_uint_t  i;
 
     u->key = NGX_HTTP_TB_USAGE_OTHER;
+    u->key_id = NGX_HTTP_TB_KEY_NONE;
+
+    if (u->counting) {
+        for (i = 0; texts[i].name.len; i++) {
+            if (texts[i].name.len == len
+                && ngx_strncmp(texts[i].name.data, s, len) == 0)
+            {
+                u->key_id = texts[i].id;
+                break;
+            }
+        }
+    }
 
     if (u->in_usage && u->in_usage == u->depth) {
         for (i = 0; keys[i].name.len; i++) {
@@ -184,7 +463,7 @@ ngx_http_tb_usage_key(void *data, const unsigned char *s, size_t len)
     }
 
     if (len == 5 && ngx_strncmp(s, "usage", 5) == 0) {
-        u->key = NGX_HTTP_TB_USAGE_OTHER + 1;
+        u->key = NGX_HTTP_TB_USAGE_MARK;
     }
 
     return 1;
@@ -200,14 +479,14 @@ ngx_http_tb_usage_number(void *data, const char *s, size_t len)
     uint64_t  n;
 
     if (u->key >= NGX_HTTP_TB_USAGE_OTHER) {
-        return 1;
+        return ngx_http_tb_usage_value(data);
     }
 
     n = 0;
 
     for (i = 0; i < len && i < 12; i++) {
         if (s[i] < '0' || s[i] > '9') {
-            return 1;
+            return ngx_http_tb_usage_value(data);
         }
 
         n = n * 10 + (s[i] - '0');
@@ -215,9 +494,8 @@ ngx_http_tb_usage_number(void *data, const char *s, size_t len)
 
     u->value[u->key] = n;
     u->seen |= 1 << u->key;
-    u->key = NGX_HTTP_TB_USAGE_OTHER;
 
-    return 1;
+    return ngx_http_tb_usage_value(data);
 }
 
 
@@ -227,6 +505,7 @@ ngx_http_tb_usage_value(void *data)
     ngx_http_tb_usage_t  *u = data;
 
     u->key = NGX_HTTP_TB_USAGE_OTHER;
+    u->key_id = NGX_HTTP_TB_KEY_NONE;
 
     return 1;
 }
@@ -242,6 +521,46 @@ ngx_http_tb_usage_bool(void *data, int v)
 static int
 ngx_http_tb_usage_string(void *data, const unsigned char *s, size_t len)
 {
+    ngx_http_tb_usage_t  *u = data;
+
+    ngx_uint_t  parent, count;
+
+    if (!u->counting || u->key_id == NGX_HTTP_TB_KEY_NONE) {
+        return ngx_http_tb_usage_value(data);
+    }
+
+    parent = (u->depth && u->depth <= NGX_HTTP_TB_USAGE_DEPTH)
+             ? (ngx_uint_t) (u->stack[u->depth - 1] & 0x7f)
+             : NGX_HTTP_TB_KEY_NONE;
+
+    count = 0;
+
+    if (u->in_delta
+        && (u->key_id == NGX_HTTP_TB_KEY_TEXT
+            || u->key_id == NGX_HTTP_TB_KEY_TEXTLIKE))
+    {
+        /* chat chunks' delta, Anthropic's content_block_delta */
+        count = 1;
+
+    } else if (u->depth == 1 && u->key_id == NGX_HTTP_TB_KEY_DELTA) {
+        /* a Responses API *.delta event */
+        count = 1;
+
+    } else if (parent == NGX_HTTP_TB_KEY_CHOICES
+               && u->key_id == NGX_HTTP_TB_KEY_TEXT)
+    {
+        /* a completions chunk */
+        count = 1;
+    }
+
+    if (count && len) {
+        if (tk_counter_feed(&u->counter, s, len) != TK_OK) {
+            u->counting = 0;
+        }
+
+        u->counted = 1;
+    }
+
     return ngx_http_tb_usage_value(data);
 }
 
@@ -269,4 +588,28 @@ ngx_http_tb_usage_get(ngx_http_tb_usage_t *u, uint64_t *prompt,
     }
 
     return NGX_DECLINED;
+}
+
+
+/* the streamed output counted here, NGX_DECLINED when none was */
+
+ngx_int_t
+ngx_http_tb_usage_counted(ngx_http_tb_usage_t *u, uint64_t *output)
+{
+    int64_t  n;
+
+    if (!u->sse || !u->counted) {
+        return NGX_DECLINED;
+    }
+
+    n = u->counting ? tk_counter_peek(&u->counter)
+                    : (u->done ? u->output : -1);
+
+    if (n < 0) {
+        return NGX_DECLINED;
+    }
+
+    *output = (uint64_t) n;
+
+    return NGX_OK;
 }
