@@ -265,6 +265,7 @@ ngx_int_t ngx_http_tb_json_parse(ngx_pool_t *pool, u_char *data, size_t len,
     ngx_http_tb_json_t **root, ngx_str_t *err);
 ngx_http_tb_json_t *ngx_http_tb_json_get(ngx_http_tb_json_t *obj,
     const char *key);
+u_char *ngx_http_tb_null_usage(u_char *p, size_t len, u_char **cut_end);
 ngx_int_t ngx_http_tb_json_print(ngx_pool_t *pool, ngx_http_tb_json_t *root,
     ngx_str_t *out);
 

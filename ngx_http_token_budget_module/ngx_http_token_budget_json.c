@@ -724,3 +724,113 @@ ngx_http_tb_json_surrogates(u_char *p, size_t len)
 
     return NGX_OK;
 }
+
+
+/*
+ * the member "usage": null of an OpenAI chunk, with the comma that joins
+ * it to the others; a quoted key cannot occur inside a JSON string, where
+ * quotes are escaped, so the first one found outside nested objects is it
+ */
+
+u_char *
+ngx_http_tb_null_usage(u_char *p, size_t len, u_char **cut_end)
+{
+    u_char      *end, *q, *k, *start;
+    ngx_uint_t   depth, in_string;
+
+    end = p + len;
+    depth = 0;
+    in_string = 0;
+
+    for (q = p; q < end; q++) {
+
+        if (in_string) {
+            if (*q == '\\') {
+                q++;
+
+            } else if (*q == '"') {
+                in_string = 0;
+            }
+
+            continue;
+        }
+
+        switch (*q) {
+
+        case '{':
+        case '[':
+            depth++;
+            continue;
+
+        case '}':
+        case ']':
+            depth--;
+            continue;
+
+        case '"':
+            break;
+
+        default:
+            continue;
+        }
+
+        if (depth != 1 || end - q < 7 || ngx_strncmp(q, "\"usage\"", 7) != 0)
+        {
+            in_string = 1;
+            continue;
+        }
+
+        /* "usage" <ws> : <ws> null */
+
+        k = q + 7;
+
+        while (k < end && (*k == ' ' || *k == '\t')) {
+            k++;
+        }
+
+        if (k == end || *k != ':') {
+            in_string = 1;
+            continue;
+        }
+
+        k++;
+
+        while (k < end && (*k == ' ' || *k == '\t')) {
+            k++;
+        }
+
+        if (end - k < 4 || ngx_strncmp(k, "null", 4) != 0) {
+            in_string = 1;
+            continue;
+        }
+
+        k += 4;
+
+        /* the comma before it, else the one after it */
+
+        start = q;
+
+        while (start > p && (start[-1] == ' ' || start[-1] == '\t')) {
+            start--;
+        }
+
+        if (start > p && start[-1] == ',') {
+            *cut_end = k;
+            return start - 1;
+        }
+
+        while (k < end && (*k == ' ' || *k == '\t')) {
+            k++;
+        }
+
+        if (k < end && *k == ',') {
+            *cut_end = k + 1;
+            return q;
+        }
+
+        *cut_end = k;
+        return q;
+    }
+
+    return NULL;
+}

@@ -60,6 +60,11 @@ typedef struct {
     time_t                       retry_after;
     ngx_uint_t                   reading_usage;
     ngx_uint_t                   replace;
+    ngx_uint_t                   strip;     /* usage asked for by us */
+    ngx_uint_t                   rewrite;   /* events are rewritten */
+    u_char                      *events;    /* an event not yet complete */
+    size_t                       events_len;
+    size_t                       events_size;
     ngx_http_tb_usage_t          usage;
 } ngx_http_tb_ctx_t;
 
@@ -89,6 +94,12 @@ static u_char *ngx_http_tb_escape(u_char *p, ngx_str_t *s);
 
 static ngx_int_t ngx_http_tb_limit(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, ngx_uint_t dry_run);
+static ngx_int_t ngx_http_tb_inject_usage(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, ngx_http_tb_count_t *c);
+static ngx_int_t ngx_http_tb_rewrite(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, ngx_chain_t *in);
+static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r, u_char *p,
+    size_t len, ngx_chain_t ***last);
 static ngx_int_t ngx_http_tb_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_tb_nginx_error(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx);
@@ -826,6 +837,10 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
         if (rc == NGX_DECLINED) {
             goto over;
         }
+
+        if (ctx->nres && ngx_http_tb_inject_usage(r, ctx, &c) != NGX_OK) {
+            goto internal;
+        }
     }
 
     goto forward;
@@ -1049,6 +1064,12 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
 
         ctx->reading_usage = 1;
         r->filter_need_in_memory = 1;
+
+        if (sse && ctx->strip) {
+            ctx->rewrite = 1;
+            ngx_http_clear_content_length(r);
+            ngx_http_clear_accept_ranges(r);
+        }
     }
 
     if (!ctx->limited || ctx->refusal.tightest == NULL) {
@@ -1216,6 +1237,10 @@ ngx_http_tb_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         }
     }
 
+    if (ctx->rewrite) {
+        return ngx_http_tb_rewrite(r, ctx, in);
+    }
+
     return ngx_http_next_body_filter(r, in);
 }
 
@@ -1235,6 +1260,314 @@ ngx_http_tb_add_header(ngx_http_request_t *r, const char *name,
     h->key.data = (u_char *) name;
     h->key.len = ngx_strlen(name);
     h->value = *value;
+
+    return NGX_OK;
+}
+
+
+/*
+ * An OpenAI stream reports its usage only when asked: a stream the budgets
+ * settle is asked for it, and what the client did not ask for, the
+ * usage-only chunk and the "usage": null of the other chunks, is taken out
+ * of the stream again, so that the client sees what it would have seen.
+ */
+
+static ngx_int_t
+ngx_http_tb_inject_usage(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_http_tb_count_t *c)
+{
+    ngx_str_t            body;
+    ngx_http_tb_json_t  *stream, *opts, *inc, *v, *last;
+
+    if (c->format != NGX_HTTP_TB_FORMAT_CHAT
+        && c->format != NGX_HTTP_TB_FORMAT_COMPLETIONS)
+    {
+        return NGX_OK;
+    }
+
+    stream = ngx_http_tb_json_get(c->root, "stream");
+
+    if (stream == NULL || stream->type != NGX_HTTP_TB_JSON_TRUE) {
+        return NGX_OK;
+    }
+
+    opts = ngx_http_tb_json_get(c->root, "stream_options");
+    inc = ngx_http_tb_json_get(opts, "include_usage");
+
+    if (inc && inc->type == NGX_HTTP_TB_JSON_TRUE) {
+        return NGX_OK;
+    }
+
+    if (opts && opts->type != NGX_HTTP_TB_JSON_OBJECT
+        && opts->type != NGX_HTTP_TB_JSON_NULL)
+    {
+        /* the upstream will refuse it: nothing to add to */
+        return NGX_OK;
+    }
+
+    if (inc == NULL) {
+        inc = ngx_pcalloc(r->pool, sizeof(ngx_http_tb_json_t));
+        if (inc == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_str_set(&inc->key, "include_usage");
+
+        if (opts == NULL) {
+            opts = ngx_pcalloc(r->pool, sizeof(ngx_http_tb_json_t));
+            if (opts == NULL) {
+                return NGX_ERROR;
+            }
+
+            ngx_str_set(&opts->key, "stream_options");
+
+            for (last = c->root->first; last->next; last = last->next) {
+                /* void */
+            }
+
+            last->next = opts;
+            c->root->n++;
+        }
+
+        opts->type = NGX_HTTP_TB_JSON_OBJECT;
+
+        for (v = opts->first; v && v->next; v = v->next) {
+            /* void */
+        }
+
+        if (v) {
+            v->next = inc;
+
+        } else {
+            opts->first = inc;
+        }
+
+        opts->n++;
+    }
+
+    inc->type = NGX_HTTP_TB_JSON_TRUE;
+
+    if (ngx_http_tb_json_print(r->pool, c->root, &body) != NGX_OK
+        || ngx_http_tb_replace_body(r, &body) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ctx->strip = 1;
+
+    return NGX_OK;
+}
+
+
+/* complete events go on, rewritten; a partial one waits for its end */
+
+static ngx_int_t
+ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_chain_t *in)
+{
+    u_char       *p, *end, *start, *buf;
+    size_t        n, size;
+    ngx_uint_t    last, flush;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl, *out, **ll;
+
+    last = 0;
+    flush = 0;
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (ngx_buf_in_memory(b)) {
+            n = b->last - b->pos;
+
+            if (ctx->events_len + n > ctx->events_size) {
+                size = ngx_max(2 * ctx->events_size, ctx->events_len + n);
+                size = ngx_max(size, 4096);
+
+                buf = ngx_pnalloc(r->pool, size);
+                if (buf == NULL) {
+                    return NGX_ERROR;
+                }
+
+                ngx_memcpy(buf, ctx->events, ctx->events_len);
+                ctx->events = buf;
+                ctx->events_size = size;
+            }
+
+            ngx_memcpy(ctx->events + ctx->events_len, b->pos, n);
+            ctx->events_len += n;
+            b->pos = b->last;
+        }
+
+        last |= b->last_buf;
+        flush |= b->flush;
+    }
+
+    out = NULL;
+    ll = &out;
+
+    p = ctx->events;
+    end = p + ctx->events_len;
+    start = p;
+
+    /* an event ends with an empty line */
+
+    while (p < end) {
+        if (*p != '\n' && *p != '\r') {
+            p++;
+            continue;
+        }
+
+        n = (*p == '\r' && p + 1 < end && p[1] == '\n') ? 2 : 1;
+
+        if (*p == '\r' && p + 1 == end && !last) {
+            break;
+        }
+
+        p += n;
+
+        if (p < end && (*p == '\n' || *p == '\r')) {
+            n = (*p == '\r' && p + 1 < end && p[1] == '\n') ? 2 : 1;
+
+            if (*p == '\r' && p + 1 == end && !last) {
+                break;
+            }
+
+            p += n;
+
+            if (ngx_http_tb_event(r, start, p - start, &ll) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            start = p;
+        }
+    }
+
+    if (last && start < end) {
+        if (ngx_http_tb_event(r, start, end - start, &ll) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        start = end;
+    }
+
+    ctx->events_len = end - start;
+
+    if (ctx->events_len) {
+        ngx_memmove(ctx->events, start, ctx->events_len);
+    }
+
+    if (last || flush || out) {
+        b = ngx_calloc_buf(r->pool);
+        if (b == NULL) {
+            return NGX_ERROR;
+        }
+
+        b->last_buf = last;
+        b->flush = 1;
+        b->sync = 1;
+
+        cl = ngx_alloc_chain_link(r->pool);
+        if (cl == NULL) {
+            return NGX_ERROR;
+        }
+
+        cl->buf = b;
+        cl->next = NULL;
+        *ll = cl;
+    }
+
+    if (out == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_next_body_filter(r, out);
+}
+
+
+static ngx_int_t
+ngx_http_tb_event(ngx_http_request_t *r, u_char *p, size_t len,
+    ngx_chain_t ***last)
+{
+    u_char              *q, *data, *end, *d, *cut, *cut_end;
+    size_t               dlen;
+    ngx_str_t            err;
+    ngx_buf_t           *b;
+    ngx_chain_t         *cl;
+    ngx_http_tb_json_t  *root, *choices, *usage;
+
+    end = p + len;
+    cut = NULL;
+    cut_end = NULL;
+
+    /* the event's one data line, as OpenAI streams them */
+
+    for (q = p; q < end; q = d) {
+        for (d = q; d < end && *d != '\n' && *d != '\r'; d++) {
+            /* void */
+        }
+
+        if (d - q > 5 && ngx_strncmp(q, "data:", 5) == 0) {
+            data = q + 5;
+
+            while (data < d && *data == ' ') {
+                data++;
+            }
+
+            dlen = d - data;
+
+            if (dlen && *data == '{'
+                && ngx_http_tb_json_parse(r->pool, data, dlen, &root, &err)
+                   == NGX_OK)
+            {
+                choices = ngx_http_tb_json_get(root, "choices");
+                usage = ngx_http_tb_json_get(root, "usage");
+
+                if (usage && usage->type == NGX_HTTP_TB_JSON_OBJECT
+                    && choices && choices->type == NGX_HTTP_TB_JSON_ARRAY
+                    && choices->n == 0)
+                {
+                    /* the usage-only chunk: the client did not ask */
+                    return NGX_OK;
+                }
+
+                if (usage && usage->type == NGX_HTTP_TB_JSON_NULL) {
+                    cut = ngx_http_tb_null_usage(data, dlen, &cut_end);
+                }
+            }
+
+            break;
+        }
+
+        while (d < end && (*d == '\n' || *d == '\r')) {
+            d++;
+            break;
+        }
+    }
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (cut) {
+        b->last = ngx_cpymem(b->last, p, cut - p);
+        b->last = ngx_cpymem(b->last, cut_end, end - cut_end);
+
+    } else {
+        b->last = ngx_cpymem(b->last, p, len);
+    }
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    **last = cl;
+    *last = &cl->next;
 
     return NGX_OK;
 }
