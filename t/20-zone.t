@@ -21,7 +21,7 @@ use Time::HiRes qw(sleep time);
 use Test::More;
 use TBTest;
 
-my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(135);
+my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(138);
 
 %%TEST_GLOBALS%%
 
@@ -573,6 +573,46 @@ ok(length($r->{body}) < ($r->{headers}{'content-length'} // 0),
 $k = key('user', 'die');
 is_deeply([@$k{qw(used reserved in_flight)}], [9, 0, 0],
     'upstream died, the prompt spent');
+
+# settled when the response is complete: a client that has it all but
+# keeps its connection open holds the reservation as long as nginx keeps
+# the request for a lingering close, up to lingering_timeout
+
+my $held = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+    PeerPort => $t->port(8080), Proto => 'tcp')
+    or die "cannot connect: $!\n";
+
+{
+    my $body = chat(10);
+
+    print $held "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        . "Connection: close\r\nContent-Type: application/json\r\n"
+        . "Content-Length: " . length($body) . "\r\n"
+        . "X-User: held\r\nX-Mock: usage=30,3\r\n\r\n" . $body;
+
+    local $/;
+    like(<$held> // '', qr{^HTTP/1.1 200.*"total_tokens":33}s,
+        'client holds the connection, response complete');
+}
+
+{
+    local $TODO = 'settled when nginx frees the request, after lingering';
+
+    $k = key('user', 'held');
+    is_deeply([@$k{qw(used reserved in_flight)}], [33, 0, 0],
+        'client holds the connection, settled');
+}
+
+close $held;
+
+for (1 .. 20) {
+    $k = key('user', 'held');
+    last unless $k->{in_flight};
+    sleep 0.05;
+}
+
+is_deeply([@$k{qw(used reserved in_flight)}], [33, 0, 0],
+    'client closed the connection, settled');
 
 # an upstream that never got the request: nothing spent
 

@@ -196,6 +196,14 @@ sub round {
         }
     }
 
+    # the last connections closed are settled in their worker, which may
+    # not be the one answering the API
+
+    for (1 .. 40) {
+        last unless grep { key($zone, $_)->{in_flight} } @keys;
+        sleep 0.05;
+    }
+
     for my $c (@clients) {
         my $r = TBTest::parse_response($c->{raw});
         $c->{status} = $c->{aborted} ? 'aborted' : $r->{status};
