@@ -19,6 +19,26 @@
  *   nousage           omit usage
  *   die               close the connection in the middle of the response
  *
+ * and for streams only:
+ *   echo=N            stream the prompt's text (the string "prompt",
+ *                     "input", or the last message's string "content")
+ *                     in pieces of N characters instead of the mock words
+ *   dieat=N           close the connection after N bytes of the stream
+ *   split=N           write the stream in pieces of N bytes, each a write
+ *                     of its own (a chunk of its own when chunked)
+ *   crlf, cr          end lines in CR LF, or in CR alone
+ *   comments          a comment line (": keep-alive") before each event,
+ *                     comment-only blocks between events, "id:" and
+ *                     "retry:" fields
+ *   events            an "event:" line for events that have no name
+ *   multiline         the data of an event on two "data:" lines, split
+ *                     where JSON allows a line feed
+ *   nospace           "data:" without the space before the value
+ *   ascii             JSON with non-ASCII characters as \uXXXX escapes
+ *
+ * The bytes of a stream's body as written are recorded with the request,
+ * in sent_base64.
+ *
  * GET /__requests lists the requests received (JSON), POST /__reset
  * forgets them, GET /health answers {"status":"ok"}.
  */
@@ -38,7 +58,9 @@ let serial = 0;
 
 function parseMock(req) {
     const mock = { status: 0, delay: 0, chunkdelay: 0, usage: null,
-                   nousage: false, die: false };
+                   nousage: false, die: false, dieat: 0, echo: 0, split: 0,
+                   eol: '\n', comments: false, events: false,
+                   multiline: false, nospace: false, ascii: false };
     const values = req.headersDistinct['x-mock'] || [];
 
     for (const value of values) {
@@ -72,6 +94,28 @@ function parseMock(req) {
             case 'die':
                 mock.die = true;
                 break;
+            case 'dieat':
+                mock.dieat = parseInt(arg, 10) || 0;
+                break;
+            case 'echo':
+                mock.echo = parseInt(arg, 10) || 0;
+                break;
+            case 'split':
+                mock.split = parseInt(arg, 10) || 0;
+                break;
+            case 'crlf':
+                mock.eol = '\r\n';
+                break;
+            case 'cr':
+                mock.eol = '\r';
+                break;
+            case 'comments':
+            case 'events':
+            case 'multiline':
+            case 'nospace':
+            case 'ascii':
+                mock[name] = true;
+                break;
             default:
                 break;
             }
@@ -93,9 +137,46 @@ function includeUsage(body) {
 }
 
 
+/* the text echo=N streams */
+
+function promptText(body) {
+    for (const k of ['prompt', 'input']) {
+        if (typeof body[k] === 'string') {
+            return body[k];
+        }
+    }
+
+    if (Array.isArray(body.messages) && body.messages.length > 0) {
+        const m = body.messages[body.messages.length - 1];
+
+        if (m !== null && typeof m === 'object'
+            && typeof m.content === 'string')
+        {
+            return m.content;
+        }
+    }
+
+    return null;
+}
+
+
 /* what to generate and what to report */
 
 function plan(req, body, mock) {
+    const text = mock.echo > 0 && body.stream === true ? promptText(body)
+                                                       : null;
+
+    if (text !== null) {
+        const chars = Array.from(text);
+        const pieces = [];
+
+        for (let i = 0; i < chars.length; i += mock.echo) {
+            pieces.push(chars.slice(i, i + mock.echo).join(''));
+        }
+
+        return planned(req, body, mock, pieces, false);
+    }
+
     let limit = null;
 
     for (const k of ['max_tokens', 'max_completion_tokens',
@@ -115,6 +196,13 @@ function plan(req, body, mock) {
         pieces.push(WORDS[i % WORDS.length]);
     }
 
+    return planned(req, body, mock, pieces,
+                   limit !== null && limit <= MAX_COMPLETION);
+}
+
+
+function planned(req, body, mock, pieces, truncated) {
+    const n = pieces.length;
     const header = parseInt(req.headers['x-token-count'], 10);
 
     const usage = mock.usage
@@ -125,7 +213,7 @@ function plan(req, body, mock) {
         model: typeof body.model === 'string' ? body.model : 'mock-model',
         pieces: pieces,
         text: pieces.join(''),
-        truncated: limit !== null && limit <= MAX_COMPLETION,
+        truncated: truncated,
         usage: mock.nousage ? null : usage,
         created: Math.floor(Date.now() / 1000),
         id: (++serial).toString(36).padStart(8, '0'),
@@ -555,26 +643,140 @@ function sendJson(res, status, obj, headers, mock) {
 }
 
 
-async function sendStream(res, events, headers, mock) {
+/* the data of an event on two lines: split after a comma or a colon
+   outside strings, near the middle */
+
+function splitData(data) {
+    const at = [];
+    let string = false;
+
+    for (let i = 0; i < data.length; i++) {
+        const c = data[i];
+
+        if (string) {
+            if (c === '\\') {
+                i++;
+            } else if (c === '"') {
+                string = false;
+            }
+
+        } else if (c === '"') {
+            string = true;
+
+        } else if (c === ',' || c === ':') {
+            at.push(i + 1);
+        }
+    }
+
+    if (at.length === 0) {
+        return [data];
+    }
+
+    const i = at[at.length >> 1];
+    return [data.slice(0, i), data.slice(i)];
+}
+
+
+function eventText(e, i, mock) {
+    const eol = mock.eol;
+    const data = mock.ascii
+        ? e.data.replace(/[\u0080-\uffff]/g,
+                         (c) => '\\u' + c.charCodeAt(0).toString(16)
+                                         .padStart(4, '0'))
+        : e.data;
+    const lines = mock.multiline ? splitData(data) : [data];
+    let text = '';
+
+    if (mock.comments) {
+        if (i === 0) {
+            text += 'retry: 3000' + eol;
+        }
+
+        text += ': keep-alive' + eol + 'id: ' + (i + 1) + eol;
+    }
+
+    if (e.event) {
+        text += 'event: ' + e.event + eol;
+
+    } else if (mock.events) {
+        text += 'event: chunk' + eol;
+    }
+
+    for (const line of lines) {
+        text += (mock.nospace ? 'data:' : 'data: ') + line + eol;
+    }
+
+    text += eol;
+
+    if (mock.comments) {
+        text += ': ping' + eol + eol;
+    }
+
+    return Buffer.from(text);
+}
+
+
+async function sendStream(res, events, headers, mock, entry) {
     res.writeHead(200, Object.assign({
         'content-type': 'text/event-stream; charset=utf-8',
         'cache-control': 'no-cache',
     }, headers));
 
     const half = events.length >> 1;
+    const sent = [];
+    let total = 0;
+    let dead = false;
 
-    for (let i = 0; i < events.length; i++) {
-        const e = events[i];
-        const text = (e.event ? 'event: ' + e.event + '\n' : '')
-                     + 'data: ' + e.data + '\n\n';
+    if (entry) {
+        entry.sent_base64 = '';
+    }
 
-        if (mock.die && i === half) {
-            res.write(text.slice(0, text.length >> 1),
-                      () => res.socket.destroy());
+    const write = (data, cb) => {
+        if (mock.dieat > 0 && total + data.length >= mock.dieat) {
+            data = data.subarray(0, mock.dieat - total);
+            cb = () => res.socket.destroy();
+            dead = true;
+        }
+
+        total += data.length;
+        sent.push(data);
+
+        if (entry) {
+            entry.sent_base64 = Buffer.concat(sent).toString('base64');
+        }
+
+        if (data.length === 0) {
+            res.socket.end();
             return;
         }
 
-        res.write(text);
+        if (mock.split > 0) {
+            for (let i = 0; i < data.length; i += mock.split) {
+                const last = i + mock.split >= data.length;
+                res.write(data.subarray(i, i + mock.split),
+                          last ? cb : undefined);
+            }
+
+            return;
+        }
+
+        res.write(data, cb);
+    };
+
+    for (let i = 0; i < events.length; i++) {
+        const text = eventText(events[i], i, mock);
+
+        if (mock.die && i === half) {
+            write(text.subarray(0, text.length >> 1),
+                  () => res.socket.destroy());
+            return;
+        }
+
+        write(text);
+
+        if (dead) {
+            return;
+        }
 
         if (mock.chunkdelay > 0) {
             await sleep(mock.chunkdelay);
@@ -590,7 +792,7 @@ async function sendStream(res, events, headers, mock) {
 
 
 function record(req, raw) {
-    requests.push({
+    const entry = {
         method: req.method,
         path: req.url,
         http_version: req.httpVersion,
@@ -599,7 +801,11 @@ function record(req, raw) {
         body_base64: raw.toString('base64'),
         body: raw.toString('utf8'),
         time: Date.now() / 1000,
-    });
+    };
+
+    requests.push(entry);
+
+    return entry;
 }
 
 
@@ -620,7 +826,7 @@ async function handle(req, res, raw) {
         return sendJson(res, 200, { cleared: n }, {});
     }
 
-    record(req, raw);
+    const entry = record(req, raw);
 
     const mock = parseMock(req);
     const route = ROUTES[path];
@@ -688,7 +894,7 @@ async function handle(req, res, raw) {
     const headers = commonHeaders(dialect, p);
 
     if (body.stream === true && route[2]) {
-        return sendStream(res, route[2](body, p), headers, mock);
+        return sendStream(res, route[2](body, p), headers, mock, entry);
     }
 
     return sendJson(res, 200, route[1](body, p), headers, mock);
