@@ -27,7 +27,7 @@ my $t = TBTest->new();
 # the zone "kept" as each configuration has it
 
 sub conf {
-    my ($key, $size, $tokens) = @_;
+    my ($key, $size, $tokens, $models) = @_;
 
     my $conf = <<'EOF';
 
@@ -41,6 +41,7 @@ http {
 
     token_budget_encoding cl100k_base %%DATADIR%%/cl100k_base.tiktoken;
 
+    MODELS
     token_budget_model m cl100k_base context=100000 max_output=50;
 
     token_budget_zone KEY zone=kept:SIZE tokens=TOKENS per=1h;
@@ -81,11 +82,12 @@ EOF
     $conf =~ s/KEY/$key/;
     $conf =~ s/SIZE/$size/;
     $conf =~ s/TOKENS/$tokens/;
+    $conf =~ s/MODELS\n/$models ? "$models\n" : ''/e;
 
     return $conf;
 }
 
-$t->write_conf(conf('$http_x_user', '1m', 100))->run()->plan(51);
+$t->write_conf(conf('$http_x_user', '1m', 100))->run()->plan(53);
 
 ###############################################################################
 
@@ -152,6 +154,15 @@ sub zone_info {
 sub passed_total {
     my ($n) = http_get('/budget/metrics')->{body}
         =~ /^token_budget_requests_total\{decision="passed"\} (\d+)$/m;
+    return $n;
+}
+
+sub model_requests {
+    my ($model) = @_;
+
+    my $name = qr/token_budget_model_requests_total\{model="\Q$model\E"\}/;
+    my ($n) = http_get('/budget/metrics')->{body} =~ /^$name (\d+)$/m;
+
     return $n;
 }
 
@@ -303,6 +314,7 @@ post('/v1/chat/completions', 'kept', 10, 'usage=50,10');
 is(key('kept', 'kept')->{used}, 60, 'before reload, spent');
 
 my $passed = passed_total();
+my $m_requests = model_requests('m');
 
 my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
     PeerPort => $t->port(8080), Proto => 'tcp')
@@ -315,8 +327,12 @@ print $s "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
 
 sleep 0.2;
 
-ok(reload(conf('$http_x_user', '1m', 200), qr/gracefully shutting down/),
-    'reload');
+# the new configuration has a model more, named before m
+
+my $first = 'token_budget_model first cl100k_base context=100000;';
+
+ok(reload(conf('$http_x_user', '1m', 200, $first),
+    qr/gracefully shutting down/), 'reload');
 
 $k = key('kept', 'kept');
 is_deeply([@$k{qw(limit used remaining)}], [200, 60, 140],
@@ -346,13 +362,20 @@ is_deeply([@$k{qw(used reserved in_flight)}], [33, 0, 0],
     'reload, in flight settled');
 
 ok(passed_total() > $passed, 'reload, metrics kept');
+
+{
+    local $TODO = 'model counters are kept by position, not by name';
+
+    is(model_requests('first'), 0, 'reload, a new model counts nothing');
+    ok(model_requests('m') > $m_requests, 'reload, the counters of m kept');
+}
 is(key('small', 'throttled')->{used}, 100, 'reload, other zone kept');
 is(post('/small/chat/completions', 'throttled', 10)->{status}, 429,
     'reload, other zone still throttled');
 
 # a new key for the same size: the reload fails, the old one runs on
 
-reload(conf('$http_x_tenant', '1m', 300), qr/\[emerg\]/);
+reload(conf('$http_x_tenant', '1m', 300, $first), qr/\[emerg\]/);
 
 my @emerg = expected_log(qr/\[emerg\]/);
 
@@ -372,8 +395,8 @@ is($r->{status}, 429, 'new key, the old key limits');
 
 # a new size starts the zone anew
 
-ok(reload(conf('$http_x_tenant', '2m', 300), qr/gracefully shutting down/),
-    'new size, reload');
+ok(reload(conf('$http_x_tenant', '2m', 300, $first),
+    qr/gracefully shutting down/), 'new size, reload');
 
 $z = zone_info('kept');
 is_deeply([@$z{qw(key limit keys spent)}], ['$http_x_tenant', 300, 0, 0],
