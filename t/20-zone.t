@@ -16,12 +16,13 @@ use lib "$FindBin::Bin/lib";
 
 use IO::Socket::INET;
 use POSIX qw(ceil floor);
+use Socket qw(SOL_SOCKET SO_RCVBUF inet_aton pack_sockaddr_in);
 use Time::HiRes qw(sleep time);
 
 use Test::More;
 use TBTest;
 
-my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(138);
+my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(141);
 
 %%TEST_GLOBALS%%
 
@@ -42,6 +43,7 @@ http {
                       count=prompt;
     token_budget_zone $http_x_user zone=completion:1m tokens=50 per=1h
                       count=completion;
+    token_budget_zone $http_x_user zone=big:1m tokens=100000 per=1h;
 
     log_format zone '$http_x_user $status $token_budget_status '
                     'c=$token_budget_completion_tokens '
@@ -116,6 +118,23 @@ http {
 
         location /budget/ {
             token_budget_api;
+        }
+    }
+
+    # small buffers, a small send buffer: large responses go to disk
+
+    server {
+        listen 127.0.0.1:%%PORT_8083%% sndbuf=4k;
+        server_name localhost;
+
+        location /v1/ {
+            token_budget on;
+            token_budget_limit zone=big;
+
+            proxy_buffers 2 4k;
+            proxy_buffer_size 4k;
+            proxy_busy_buffers_size 4k;
+            proxy_pass http://%%UPSTREAM%%;
         }
     }
 
@@ -613,6 +632,45 @@ for (1 .. 20) {
 
 is_deeply([@$k{qw(used reserved in_flight)}], [33, 0, 0],
     'client closed the connection, settled');
+
+# the usage at the end of a large response buffered to a temporary file:
+# 4000 embeddings, half a megabyte, read slowly
+
+{
+    my $body = TBTest::json_encode({ model => 'm', input => [('a') x 4000] });
+
+    my $c = IO::Socket::INET->new(Proto => 'tcp')
+        or die "cannot create a socket: $!\n";
+    setsockopt($c, SOL_SOCKET, SO_RCVBUF, 4096);
+    $c->connect(pack_sockaddr_in($t->port(8083), inet_aton('127.0.0.1')))
+        or die "cannot connect: $!\n";
+
+    print $c "POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\n"
+        . "Connection: close\r\nContent-Type: application/json\r\n"
+        . "Content-Length: " . length($body) . "\r\n"
+        . "X-User: disk\r\nX-Mock: usage=3977,0\r\n\r\n" . $body;
+
+    sleep 0.5;
+
+    local $/;
+    my $raw = <$c> // '';
+    close $c;
+
+    like($raw, qr/"usage":\{"prompt_tokens":3977,/, 'large response, usage');
+}
+
+like($t->read_file('error.log'),
+    qr/an upstream response is buffered to a temporary file/,
+    'large response, on disk');
+
+for (1 .. 20) {
+    $k = key('big', 'disk');
+    last unless $k->{in_flight};
+    sleep 0.05;
+}
+
+is_deeply([@$k{qw(used reserved in_flight)}], [3977, 0, 0],
+    'large response, settled with its usage');
 
 # an upstream that never got the request: nothing spent
 
