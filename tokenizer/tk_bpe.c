@@ -29,6 +29,8 @@
     (out)->n++
 
 
+static int tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p,
+    size_t n, tk_out_t *out);
 static int tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, tk_out_t *out);
 static uint32_t tk_longest(const tk_encoding_t *enc, const unsigned char *p,
@@ -78,10 +80,77 @@ tk_bpe(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     }
 
     if (n <= TK_SHORT_PIECE) {
-        return tk_bpe_merge(enc, p, n, out, NULL);
+        return tk_bpe_merge_ids(enc, p, n, out);
     }
 
     return tk_bpe_backtrack(enc, p, n, out);
+}
+
+
+/*
+ * tiktoken's merge loop on token ids: two adjacent parts merge into the
+ * token whose last merge they are (see tk_pair()), which is what looking
+ * up their bytes would find, without hashing bytes
+ */
+
+static int
+tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p, size_t n,
+    tk_out_t *out)
+{
+    size_t    i, m, min_i;
+    uint32_t  min, id[TK_SHORT_PIECE], rank[TK_SHORT_PIECE];
+
+    for (i = 0; i < n; i++) {
+        id[i] = enc->byte_rank[p[i]];
+    }
+
+    for (i = 0; i + 1 < n; i++) {
+        rank[i] = enc->pair_rank[p[i] << 8 | p[i + 1]];
+    }
+
+    rank[n - 1] = TK_NONE;
+    m = n;
+
+    for ( ;; ) {
+        min = TK_NONE;
+        min_i = 0;
+
+        for (i = 0; i + 1 < m; i++) {
+            if (rank[i] < min) {
+                min = rank[i];
+                min_i = i;
+            }
+        }
+
+        if (min == TK_NONE) {
+            break;
+        }
+
+        i = min_i;
+        id[i] = min;
+
+        for (m--, min_i = i + 1; min_i < m; min_i++) {
+            id[min_i] = id[min_i + 1];
+            rank[min_i] = rank[min_i + 1];
+        }
+
+        rank[i] = (i + 1 < m) ? tk_pair(enc, id[i], id[i + 1]) : TK_NONE;
+
+        if (i > 0) {
+            rank[i - 1] = tk_pair(enc, id[i - 1], id[i]);
+        }
+    }
+
+    if (out->ids == NULL) {
+        out->n += m;
+
+    } else {
+        for (i = 0; i < m; i++) {
+            tk_emit(out, id[i]);
+        }
+    }
+
+    return TK_OK;
 }
 
 
