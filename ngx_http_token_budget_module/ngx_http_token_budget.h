@@ -191,6 +191,16 @@ typedef struct {
     ngx_uint_t                   seen;
     uint64_t                     value[6];
     u_char                       stack[NGX_HTTP_TB_USAGE_DEPTH];
+    ngx_uint_t                   final;     /* a usage that is not partial */
+
+    /* what the current event reports, kept until the event ends */
+    uint64_t                     ev_value[6];
+    ngx_uint_t                   ev_seen;
+    ngx_uint_t                   ev_final;
+    ngx_uint_t                   partial;
+    u_char                      *text;
+    size_t                       text_len;
+    size_t                       text_size;
 
     /* server-sent events */
     ngx_uint_t                   sse;

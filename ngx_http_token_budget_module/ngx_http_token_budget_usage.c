@@ -11,7 +11,8 @@
  * A JSON response is one document.  A stream of server-sent events is
  * split into events, and each event's data is a document of its own; the
  * last value reported for each field wins (Anthropic reports the input in
- * message_start and the output, as it grows, in message_delta).  When a
+ * message_start and the output, as it grows, in message_delta), and only
+ * events that ended count, as for a client.  When a
  * stream reports no usage, the text it streams is counted instead: the
  * strings under a "delta" (chat chunks, Anthropic content_block_delta),
  * a Responses event's "delta", and a completions chunk's choices' "text".
@@ -42,6 +43,7 @@
 #define NGX_HTTP_TB_KEY_CHOICES       2
 #define NGX_HTTP_TB_KEY_TEXT          3     /* "text" */
 #define NGX_HTTP_TB_KEY_TEXTLIKE      4     /* content, partial_json, ... */
+#define NGX_HTTP_TB_KEY_MESSAGE       5     /* Anthropic's message_start */
 
 #define NGX_HTTP_TB_SSE_LINE          (1024 * 1024)
 
@@ -123,6 +125,10 @@ ngx_http_tb_usage_open(ngx_http_tb_usage_t *u)
     u->depth = 0;
     u->in_usage = 0;
     u->in_delta = 0;
+    u->partial = 0;
+    u->ev_seen = 0;
+    u->ev_final = 0;
+    u->text_len = 0;
     u->key = NGX_HTTP_TB_USAGE_OTHER;
     u->key_id = NGX_HTTP_TB_KEY_NONE;
     u->failed = 0;
@@ -131,19 +137,49 @@ ngx_http_tb_usage_open(ngx_http_tb_usage_t *u)
 }
 
 
+/*
+ * "complete": the document or the event ended, and what it reported
+ * counts; a stream cut inside an event loses the event, as a client would
+ */
+
 static void
 ngx_http_tb_usage_close(ngx_http_tb_usage_t *u, ngx_uint_t complete)
 {
+    ngx_uint_t  i;
+
     if (u->handle == NULL) {
         return;
     }
 
-    if (complete && !u->failed) {
-        (void) yajl_complete_parse((yajl_handle) u->handle);
+    if (complete && !u->failed
+        && yajl_complete_parse((yajl_handle) u->handle) != yajl_status_ok)
+    {
+        u->failed = 1;
     }
 
     yajl_free((yajl_handle) u->handle);
     u->handle = NULL;
+
+    if (!complete || u->failed) {
+        return;
+    }
+
+    for (i = 0; i < 6; i++) {
+        if (u->ev_seen & (1 << i)) {
+            u->value[i] = u->ev_value[i];
+        }
+    }
+
+    u->seen |= u->ev_seen;
+    u->final |= u->ev_final;
+
+    if (u->text_len && u->counting) {
+        if (tk_counter_feed(&u->counter, u->text, u->text_len) != TK_OK) {
+            u->counting = 0;
+        }
+
+        u->counted = 1;
+    }
 }
 
 
@@ -166,10 +202,8 @@ ngx_http_tb_usage_feed(ngx_http_tb_usage_t *u, u_char *p, size_t len,
             return;
         }
 
-        if (last && yajl_complete_parse((yajl_handle) u->handle)
-                    != yajl_status_ok)
-        {
-            u->failed = 1;
+        if (last) {
+            ngx_http_tb_usage_close(u, 1);
         }
 
         return;
@@ -249,12 +283,10 @@ ngx_http_tb_usage_feed(ngx_http_tb_usage_t *u, u_char *p, size_t len,
     }
 
     if (last) {
-        if (u->line_len && !u->line_overflow) {
-            ngx_http_tb_usage_line(u, u->line, u->line_len);
-            u->line_len = 0;
-        }
+        /* an event the stream did not end with an empty line is lost */
 
-        ngx_http_tb_usage_close(u, 1);
+        u->line_len = 0;
+        ngx_http_tb_usage_close(u, 0);
     }
 }
 
@@ -345,6 +377,12 @@ ngx_http_tb_usage_start(ngx_http_tb_usage_t *u, ngx_uint_t array)
 
     if (u->depth < 3 && u->key == NGX_HTTP_TB_USAGE_MARK) {
         u->in_usage = u->depth + 1;
+
+        /* message_start's output is a placeholder, message_delta's counts */
+
+        u->partial = (u->depth && u->depth <= NGX_HTTP_TB_USAGE_DEPTH
+                      && (u->stack[u->depth - 1] & 0x7f)
+                         == NGX_HTTP_TB_KEY_MESSAGE);
     }
 
     /* an array's elements sit under the array's key */
@@ -381,6 +419,10 @@ ngx_http_tb_usage_end(void *data)
 
     if (u->in_usage == u->depth) {
         u->in_usage = 0;
+
+        if (!u->partial) {
+            u->ev_final = 1;
+        }
     }
 
     u->depth--;
@@ -430,6 +472,7 @@ ngx_http_tb_usage_key(void *data, const unsigned char *s, size_t len)
         { ngx_string("arguments"), NGX_HTTP_TB_KEY_TEXTLIKE },
         { ngx_string("refusal"), NGX_HTTP_TB_KEY_TEXTLIKE },
         { ngx_string("thinking"), NGX_HTTP_TB_KEY_TEXTLIKE },
+        { ngx_string("message"), NGX_HTTP_TB_KEY_MESSAGE },
         { ngx_null_string, 0 }
     };
 
@@ -492,8 +535,8 @@ ngx_http_tb_usage_number(void *data, const char *s, size_t len)
         n = n * 10 + (s[i] - '0');
     }
 
-    u->value[u->key] = n;
-    u->seen |= 1 << u->key;
+    u->ev_value[u->key] = n;
+    u->ev_seen |= 1 << u->key;
 
     return ngx_http_tb_usage_value(data);
 }
@@ -523,7 +566,9 @@ ngx_http_tb_usage_string(void *data, const unsigned char *s, size_t len)
 {
     ngx_http_tb_usage_t  *u = data;
 
-    ngx_uint_t  parent, count;
+    u_char      *buf;
+    size_t       size;
+    ngx_uint_t   parent, count;
 
     if (!u->counting || u->key_id == NGX_HTTP_TB_KEY_NONE) {
         return ngx_http_tb_usage_value(data);
@@ -554,11 +599,23 @@ ngx_http_tb_usage_string(void *data, const unsigned char *s, size_t len)
     }
 
     if (count && len) {
-        if (tk_counter_feed(&u->counter, s, len) != TK_OK) {
-            u->counting = 0;
+        if (u->text_len + len > u->text_size) {
+            size = ngx_max(2 * u->text_size, u->text_len + len);
+            size = ngx_max(size, 256);
+
+            buf = ngx_pnalloc(u->pool, size);
+            if (buf == NULL) {
+                u->counting = 0;
+                return 0;
+            }
+
+            ngx_memcpy(buf, u->text, u->text_len);
+            u->text = buf;
+            u->text_size = size;
         }
 
-        u->counted = 1;
+        ngx_memcpy(u->text + u->text_len, s, len);
+        u->text_len += len;
     }
 
     return ngx_http_tb_usage_value(data);
@@ -571,6 +628,11 @@ ngx_int_t
 ngx_http_tb_usage_get(ngx_http_tb_usage_t *u, uint64_t *prompt,
     uint64_t *output)
 {
+    if (u->sse && !u->final) {
+        /* only message_start's, or none: the output is what was counted */
+        return NGX_DECLINED;
+    }
+
     if (u->seen & (1 << NGX_HTTP_TB_USAGE_PROMPT)) {
         *prompt = u->value[NGX_HTTP_TB_USAGE_PROMPT];
         *output = u->value[NGX_HTTP_TB_USAGE_COMPLETION];
