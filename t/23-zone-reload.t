@@ -5,8 +5,9 @@
 # Tests of a zone's keys over time and reloads: eviction never frees a key
 # with spent budget, a zone full of such keys refuses new keys with
 # token_budget_full_status, logged once; nginx -s reload keeps the counters
-# when the zone's size and key are unchanged, refuses a new key for the
-# same size, and starts the zone anew with a new size.
+# when the zone's size and key are unchanged, its budget or period
+# changed, refuses a new key for the same size, and starts the zone anew
+# with a new size.
 
 use strict;
 use warnings;
@@ -27,7 +28,7 @@ my $t = TBTest->new();
 # the zone "kept" as each configuration has it
 
 sub conf {
-    my ($key, $size, $tokens, $models) = @_;
+    my ($key, $size, $tokens, $models, $per) = @_;
 
     my $conf = <<'EOF';
 
@@ -44,7 +45,7 @@ http {
     MODELS
     token_budget_model m cl100k_base context=100000 max_output=50;
 
-    token_budget_zone KEY zone=kept:SIZE tokens=TOKENS per=1h;
+    token_budget_zone KEY zone=kept:SIZE tokens=TOKENS per=PER;
     token_budget_zone $http_x_user zone=small:32k tokens=100 per=1h;
 
     server {
@@ -82,12 +83,13 @@ EOF
     $conf =~ s/KEY/$key/;
     $conf =~ s/SIZE/$size/;
     $conf =~ s/TOKENS/$tokens/;
+    $conf =~ s/PER/$per \/\/ '1h'/e;
     $conf =~ s/MODELS\n/$models ? "$models\n" : ''/e;
 
     return $conf;
 }
 
-$t->write_conf(conf('$http_x_user', '1m', 100))->run()->plan(53);
+$t->write_conf(conf('$http_x_user', '1m', 100))->run()->plan(56);
 
 ###############################################################################
 
@@ -409,5 +411,17 @@ is($r->{status}, 200, 'new size, passed');
 is(key('kept', 't1')->{used}, 10, 'new size, the new key counts');
 
 is(key('small', 'throttled')->{used}, 100, 'new size, other zone kept');
+
+# a new period, the size and key unchanged
+
+ok(reload(conf('$http_x_tenant', '2m', 300, $first, '1d'),
+    qr/gracefully shutting down/), 'new period, reload');
+is(zone_info('kept')->{per}, '1d', 'new period, applied');
+
+{
+    local $TODO = 'a new period discards what was spent';
+
+    is(key('kept', 't1')->{used}, 10, 'new period, counters kept');
+}
 
 ###############################################################################
