@@ -20,6 +20,8 @@
 
 #define NGX_HTTP_TB_MAX_LIMITS        16
 
+#define ngx_http_tb_literal(p, s)     ngx_cpymem(p, s, sizeof(s) - 1)
+
 
 typedef struct {
     ngx_flag_t                   enable;
@@ -35,6 +37,7 @@ typedef struct {
     size_t                       max_body;
     ngx_array_t                 *limits;     /* ngx_http_tb_zone_t * */
     ngx_uint_t                   full_status;
+    ngx_uint_t                   stream_cut;
 } ngx_http_tb_loc_conf_t;
 
 
@@ -62,6 +65,15 @@ typedef struct {
     ngx_uint_t                   replace;
     ngx_uint_t                   strip;     /* usage asked for by us */
     ngx_uint_t                   rewrite;   /* events are rewritten */
+    ngx_uint_t                   cut;       /* the stream was cut */
+    ngx_uint_t                   client_usage;  /* include_usage asked */
+    uint64_t                     cut_at;    /* output tokens, 0: never */
+    ngx_uint_t                   choices;
+    ngx_uint_t                   block_open;
+    ngx_str_t                    block_index;
+    ngx_str_t                    stream_id;
+    ngx_str_t                    stream_created;
+    ngx_str_t                    stream_model;
     u_char                      *events;    /* an event not yet complete */
     size_t                       events_len;
     size_t                       events_size;
@@ -98,8 +110,11 @@ static ngx_int_t ngx_http_tb_inject_usage(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, ngx_http_tb_count_t *c);
 static ngx_int_t ngx_http_tb_rewrite(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, ngx_chain_t *in);
-static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r, u_char *p,
-    size_t len, ngx_chain_t ***last);
+static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, u_char *p, size_t len, ngx_chain_t ***last);
+static ngx_int_t ngx_http_tb_ending(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, uint64_t prompt, uint64_t output,
+    ngx_chain_t ***last);
 static ngx_int_t ngx_http_tb_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_tb_nginx_error(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx);
@@ -147,6 +162,19 @@ static ngx_conf_enum_t  ngx_http_tb_formats[] = {
 };
 
 
+#define NGX_HTTP_TB_CUT_OFF       0
+#define NGX_HTTP_TB_CUT_RESERVED  1
+#define NGX_HTTP_TB_CUT_BUDGET    2
+
+
+static ngx_conf_enum_t  ngx_http_tb_cuts[] = {
+    { ngx_string("off"), NGX_HTTP_TB_CUT_OFF },
+    { ngx_string("reserved"), NGX_HTTP_TB_CUT_RESERVED },
+    { ngx_string("budget"), NGX_HTTP_TB_CUT_BUDGET },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_conf_num_bounds_t  ngx_http_tb_status_bounds = {
     ngx_conf_check_num_bounds, 400, 599
 };
@@ -188,6 +216,13 @@ static ngx_command_t  ngx_http_tb_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_tb_loc_conf_t, full_status),
       &ngx_http_tb_status_bounds },
+
+    { ngx_string("token_budget_stream_cut"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, stream_cut),
+      &ngx_http_tb_cuts },
 
     { ngx_string("token_budget_api"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
@@ -653,6 +688,7 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
     ngx_int_t                 rc;
     ngx_str_t                 body, err, value;
     ngx_uint_t                decoded, estimate;
+    ngx_http_tb_json_t       *v;
     ngx_http_tb_count_t       c;
     ngx_http_tb_loc_conf_t   *tlcf;
     ngx_http_tb_main_conf_t  *tmcf;
@@ -743,6 +779,11 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
     }
 
     ctx->output = reserve * c.choices;
+    ctx->choices = c.choices;
+
+    v = ngx_http_tb_json_get(ngx_http_tb_json_get(c.root, "stream_options"),
+                             "include_usage");
+    ctx->client_usage = (v && v->type == NGX_HTTP_TB_JSON_TRUE);
 
     estimate = (c.method & NGX_HTTP_TB_ESTIMATE) ? tlcf->estimate_margin : 0;
 
@@ -1025,8 +1066,9 @@ ngx_http_tb_limit(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 static ngx_int_t
 ngx_http_tb_header_filter(ngx_http_request_t *r)
 {
-    u_char             *p;
-    ngx_uint_t          sse;
+    u_char                  *p;
+    ngx_uint_t               sse;
+    ngx_http_tb_loc_conf_t  *tlcf;
     ngx_str_t           value;
     ngx_http_tb_ctx_t  *ctx;
 
@@ -1065,7 +1107,19 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
         ctx->reading_usage = 1;
         r->filter_need_in_memory = 1;
 
-        if (sse && ctx->strip) {
+        tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+        if (sse && tlcf->stream_cut == NGX_HTTP_TB_CUT_RESERVED) {
+            ctx->cut_at = ctx->output;
+
+        } else if (sse && tlcf->stream_cut == NGX_HTTP_TB_CUT_BUDGET
+                   && ctx->refusal.tightest)
+        {
+            /* what the zone had left when the request was admitted */
+            ctx->cut_at = ctx->output + ngx_max(ctx->refusal.remaining, 0);
+        }
+
+        if (sse && (ctx->strip || ctx->cut_at)) {
             ctx->rewrite = 1;
             ngx_http_clear_content_length(r);
             ngx_http_clear_accept_ranges(r);
@@ -1225,6 +1279,10 @@ ngx_http_tb_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         return ngx_http_next_body_filter(r, in);
     }
 
+    if (ctx->rewrite) {
+        return ngx_http_tb_rewrite(r, ctx, in);
+    }
+
     for (cl = in; cl; cl = cl->next) {
         b = cl->buf;
 
@@ -1235,10 +1293,6 @@ ngx_http_tb_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         } else if (b->last_buf) {
             ngx_http_tb_usage_feed(&ctx->usage, NULL, 0, 1);
         }
-    }
-
-    if (ctx->rewrite) {
-        return ngx_http_tb_rewrite(r, ctx, in);
     }
 
     return ngx_http_next_body_filter(r, in);
@@ -1367,6 +1421,7 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 {
     u_char       *p, *end, *start, *buf;
     size_t        n, size;
+    ngx_int_t     rc;
     ngx_uint_t    last, flush;
     ngx_buf_t    *b;
     ngx_chain_t  *cl, *out, **ll;
@@ -1377,7 +1432,7 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
     for (cl = in; cl; cl = cl->next) {
         b = cl->buf;
 
-        if (ngx_buf_in_memory(b)) {
+        if (ngx_buf_in_memory(b) && !ctx->cut) {
             n = b->last - b->pos;
 
             if (ctx->events_len + n > ctx->events_size) {
@@ -1396,15 +1451,26 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
             ngx_memcpy(ctx->events + ctx->events_len, b->pos, n);
             ctx->events_len += n;
-            b->pos = b->last;
         }
 
+        b->pos = b->last;
         last |= b->last_buf;
         flush |= b->flush;
     }
 
+    if (ctx->cut) {
+        /* the client has its ending: what the upstream still sends goes */
+
+        if (r->out == NULL && !r->connection->buffered) {
+            return NGX_ERROR;
+        }
+
+        return ngx_http_next_body_filter(r, NULL);
+    }
+
     out = NULL;
     ll = &out;
+    rc = NGX_OK;
 
     p = ctx->events;
     end = p + ctx->events_len;
@@ -1412,7 +1478,7 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
     /* an event ends with an empty line */
 
-    while (p < end) {
+    while (p < end && rc == NGX_OK) {
         if (*p != '\n' && *p != '\r') {
             p++;
             continue;
@@ -1435,7 +1501,9 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
             p += n;
 
-            if (ngx_http_tb_event(r, start, p - start, &ll) != NGX_OK) {
+            rc = ngx_http_tb_event(r, ctx, start, p - start, &ll);
+
+            if (rc == NGX_ERROR) {
                 return NGX_ERROR;
             }
 
@@ -1443,12 +1511,38 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
         }
     }
 
-    if (last && start < end) {
-        if (ngx_http_tb_event(r, start, end - start, &ll) != NGX_OK) {
-            return NGX_ERROR;
+    if (rc == NGX_DONE) {
+        /* cut: the rest of the stream goes, the ending was the last */
+
+        ctx->cut = 1;
+        last = 1;
+        start = end;
+        ngx_http_tb_usage_feed(&ctx->usage, NULL, 0, 1);
+
+    } else if (last) {
+        /* the upstream's last bytes, an event it did not end among them */
+
+        if (start < end) {
+            b = ngx_create_temp_buf(r->pool, end - start);
+            if (b == NULL) {
+                return NGX_ERROR;
+            }
+
+            b->last = ngx_cpymem(b->last, start, end - start);
+
+            cl = ngx_alloc_chain_link(r->pool);
+            if (cl == NULL) {
+                return NGX_ERROR;
+            }
+
+            cl->buf = b;
+            cl->next = NULL;
+            *ll = cl;
+            ll = &cl->next;
+            start = end;
         }
 
-        start = end;
+        ngx_http_tb_usage_feed(&ctx->usage, NULL, 0, 1);
     }
 
     ctx->events_len = end - start;
@@ -1481,26 +1575,44 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
         return NGX_OK;
     }
 
-    return ngx_http_next_body_filter(r, out);
+    rc = ngx_http_next_body_filter(r, out);
+
+    if (ctx->cut && rc == NGX_OK && r->out == NULL
+        && !r->connection->buffered)
+    {
+        /*
+         * the ending is with the client: an error stops the upstream,
+         * so the provider stops generating
+         */
+
+        return NGX_ERROR;
+    }
+
+    return rc;
 }
 
 
 static ngx_int_t
-ngx_http_tb_event(ngx_http_request_t *r, u_char *p, size_t len,
-    ngx_chain_t ***last)
+ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
+    size_t len, ngx_chain_t ***last)
 {
     u_char              *q, *data, *end, *d, *cut, *cut_end;
     size_t               dlen;
+    uint64_t             prompt, output;
     ngx_str_t            err;
     ngx_buf_t           *b;
     ngx_chain_t         *cl;
-    ngx_http_tb_json_t  *root, *choices, *usage;
+    ngx_http_tb_json_t  *root, *choices, *usage, *v;
 
     end = p + len;
     cut = NULL;
     cut_end = NULL;
 
-    /* the event's one data line, as OpenAI streams them */
+    /* what the event reports counts once it has ended, here */
+
+    ngx_http_tb_usage_feed(&ctx->usage, p, len, 0);
+
+    /* the event's data line, as the providers stream them */
 
     for (q = p; q < end; q = d) {
         for (d = q; d < end && *d != '\n' && *d != '\r'; d++) {
@@ -1523,7 +1635,8 @@ ngx_http_tb_event(ngx_http_request_t *r, u_char *p, size_t len,
                 choices = ngx_http_tb_json_get(root, "choices");
                 usage = ngx_http_tb_json_get(root, "usage");
 
-                if (usage && usage->type == NGX_HTTP_TB_JSON_OBJECT
+                if (ctx->strip
+                    && usage && usage->type == NGX_HTTP_TB_JSON_OBJECT
                     && choices && choices->type == NGX_HTTP_TB_JSON_ARRAY
                     && choices->n == 0)
                 {
@@ -1531,8 +1644,54 @@ ngx_http_tb_event(ngx_http_request_t *r, u_char *p, size_t len,
                     return NGX_OK;
                 }
 
-                if (usage && usage->type == NGX_HTTP_TB_JSON_NULL) {
+                if (ctx->strip
+                    && usage && usage->type == NGX_HTTP_TB_JSON_NULL)
+                {
                     cut = ngx_http_tb_null_usage(data, dlen, &cut_end);
+                }
+
+                /* what an ending made here needs */
+
+                v = ngx_http_tb_json_get(root, "id");
+                if (v && v->type == NGX_HTTP_TB_JSON_STRING) {
+                    ctx->stream_id = v->str;
+                }
+
+                v = ngx_http_tb_json_get(root, "created");
+                if (v && v->type == NGX_HTTP_TB_JSON_NUMBER) {
+                    ctx->stream_created = v->str;
+                }
+
+                v = ngx_http_tb_json_get(root, "model");
+                if (v && v->type == NGX_HTTP_TB_JSON_STRING) {
+                    ctx->stream_model = v->str;
+                }
+
+                v = ngx_http_tb_json_get(root, "type");
+
+                if (v && v->type == NGX_HTTP_TB_JSON_STRING
+                    && v->str.len > 19
+                    && ngx_strncmp(v->str.data, "content_block_", 14) == 0)
+                {
+                    ctx->block_open = (v->str.data[14] == 's'
+                                       && v->str.data[16] == 'a');
+
+                    v = ngx_http_tb_json_get(root, "index");
+                    if (v && v->type == NGX_HTTP_TB_JSON_NUMBER) {
+                        ctx->block_index = v->str;
+                    }
+                }
+
+                root = ngx_http_tb_json_get(root, "response");
+
+                v = ngx_http_tb_json_get(root, "id");
+                if (v && v->type == NGX_HTTP_TB_JSON_STRING) {
+                    ctx->stream_id = v->str;
+                }
+
+                v = ngx_http_tb_json_get(root, "model");
+                if (v && v->type == NGX_HTTP_TB_JSON_STRING) {
+                    ctx->stream_model = v->str;
                 }
             }
 
@@ -1557,6 +1716,171 @@ ngx_http_tb_event(ngx_http_request_t *r, u_char *p, size_t len,
     } else {
         b->last = ngx_cpymem(b->last, p, len);
     }
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    **last = cl;
+    *last = &cl->next;
+
+    /* the output so far, against where the stream is to be cut */
+
+    if (ctx->cut_at == 0) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_tb_usage_counted(&ctx->usage, &output) != NGX_OK) {
+        output = 0;
+    }
+
+    if (ctx->usage.seen & (1 << 3)) {
+        /* Anthropic's message_delta: the output as it grows */
+        output = ngx_max(output, ctx->usage.value[3]);
+    }
+
+    if (output < ctx->cut_at) {
+        return NGX_OK;
+    }
+
+    prompt = ctx->prompt;
+
+    if (ngx_http_tb_ending(r, ctx, prompt, output, last) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "token budget: stream cut after %uL output tokens", output);
+
+    return NGX_DONE;
+}
+
+
+/* the end of a stream, the way the provider ends one at its output limit */
+
+static ngx_int_t
+ngx_http_tb_ending(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    uint64_t prompt, uint64_t output, ngx_chain_t ***last)
+{
+    u_char       *p;
+    size_t        len;
+    ngx_buf_t    *b;
+    ngx_uint_t    i;
+    ngx_chain_t  *cl;
+    ngx_str_t     id, created, model, index;
+
+    id = ctx->stream_id;
+    created = ctx->stream_created;
+    model = ctx->stream_model;
+    index = ctx->block_index;
+
+    if (created.len == 0) {
+        ngx_str_set(&created, "0");
+    }
+
+    if (index.len == 0) {
+        ngx_str_set(&index, "0");
+    }
+
+    len = 1024 + 6 * (id.len + model.len) + ctx->choices * 128;
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = b->last;
+
+    switch (ctx->format) {
+
+    case NGX_HTTP_TB_FORMAT_CHAT:
+    case NGX_HTTP_TB_FORMAT_COMPLETIONS:
+
+        p = ngx_http_tb_literal(p, "data: {\"id\":\"");
+        p = ngx_http_tb_escape(p, &id);
+        p = ngx_sprintf(p, "\",\"object\":\"%s\",\"created\":%V,\"model\":\"",
+                        ctx->format == NGX_HTTP_TB_FORMAT_CHAT
+                        ? "chat.completion.chunk" : "text_completion",
+                        &created);
+        p = ngx_http_tb_escape(p, &model);
+        p = ngx_http_tb_literal(p, "\",\"choices\":[");
+
+        for (i = 0; i < ctx->choices; i++) {
+            p = ngx_sprintf(p, "%s{\"index\":%ui,", i ? "," : "", i);
+
+            if (ctx->format == NGX_HTTP_TB_FORMAT_CHAT) {
+                p = ngx_sprintf(p, "\"delta\":{},\"logprobs\":null,"
+                                   "\"finish_reason\":\"length\"}");
+
+            } else {
+                p = ngx_sprintf(p, "\"text\":\"\",\"logprobs\":null,"
+                                   "\"finish_reason\":\"length\"}");
+            }
+        }
+
+        p = ngx_http_tb_literal(p, "]}\n\n");
+
+        if (ctx->client_usage) {
+            /* the client asked for the usage chunk */
+
+            p = ngx_http_tb_literal(p, "data: {\"id\":\"");
+            p = ngx_http_tb_escape(p, &id);
+            p = ngx_sprintf(p, "\",\"object\":\"%s\",\"created\":%V,"
+                               "\"model\":\"",
+                            ctx->format == NGX_HTTP_TB_FORMAT_CHAT
+                            ? "chat.completion.chunk" : "text_completion",
+                            &created);
+            p = ngx_http_tb_escape(p, &model);
+            p = ngx_sprintf(p, "\",\"choices\":[],\"usage\":"
+                               "{\"prompt_tokens\":%uL,"
+                               "\"completion_tokens\":%uL,"
+                               "\"total_tokens\":%uL}}\n\n",
+                            prompt, output, prompt + output);
+        }
+
+        p = ngx_http_tb_literal(p, "data: [DONE]\n\n");
+        break;
+
+    case NGX_HTTP_TB_FORMAT_ANTHROPIC:
+
+        if (ctx->block_open) {
+            p = ngx_sprintf(p, "event: content_block_stop\n"
+                               "data: {\"type\":\"content_block_stop\","
+                               "\"index\":%V}\n\n", &index);
+        }
+
+        p = ngx_sprintf(p, "event: message_delta\n"
+                           "data: {\"type\":\"message_delta\","
+                           "\"delta\":{\"stop_reason\":\"max_tokens\","
+                           "\"stop_sequence\":null},"
+                           "\"usage\":{\"output_tokens\":%uL}}\n\n"
+                           "event: message_stop\n"
+                           "data: {\"type\":\"message_stop\"}\n\n",
+                        output);
+        break;
+
+    default: /* NGX_HTTP_TB_FORMAT_RESPONSES */
+
+        p = ngx_http_tb_literal(p, "event: response.incomplete\n"
+                          "data: {\"type\":\"response.incomplete\","
+                          "\"response\":{\"id\":\"");
+        p = ngx_http_tb_escape(p, &id);
+        p = ngx_http_tb_literal(p, "\",\"object\":\"response\",\"model\":\"");
+        p = ngx_http_tb_escape(p, &model);
+        p = ngx_sprintf(p, "\",\"status\":\"incomplete\","
+                           "\"incomplete_details\":"
+                           "{\"reason\":\"max_output_tokens\"},"
+                           "\"output\":[],\"usage\":{\"input_tokens\":%uL,"
+                           "\"output_tokens\":%uL,\"total_tokens\":%uL}}}\n\n",
+                        prompt, output, prompt + output);
+        break;
+    }
+
+    b->last = p;
 
     cl = ngx_alloc_chain_link(r->pool);
     if (cl == NULL) {
@@ -2290,6 +2614,7 @@ ngx_http_tb_create_loc_conf(ngx_conf_t *cf)
     conf->estimate_margin = NGX_CONF_UNSET_UINT;
     conf->max_body = NGX_CONF_UNSET_SIZE;
     conf->full_status = NGX_CONF_UNSET_UINT;
+    conf->stream_cut = NGX_CONF_UNSET_UINT;
 
     return conf;
 }
@@ -2332,6 +2657,8 @@ ngx_http_tb_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                               32 * 1024 * 1024);
     ngx_conf_merge_uint_value(conf->full_status, prev->full_status,
                               NGX_HTTP_SERVICE_UNAVAILABLE);
+    ngx_conf_merge_uint_value(conf->stream_cut, prev->stream_cut,
+                              NGX_HTTP_TB_CUT_OFF);
 
     if (conf->limits == NULL) {
         conf->limits = prev->limits;
