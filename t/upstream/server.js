@@ -23,6 +23,9 @@
  *   echo=N            stream the prompt's text (the string "prompt",
  *                     "input", or the last message's string "content")
  *                     in pieces of N characters instead of the mock words
+ *   words=N           N of the mock words (one token each, repeated),
+ *                     whatever the request's max_tokens: an upstream
+ *                     that ignores the limit
  *   dieat=N           close the connection after N bytes of the stream
  *   split=N           write the stream in pieces of N bytes, each a write
  *                     of its own (a chunk of its own when chunked)
@@ -37,7 +40,9 @@
  *   ascii             JSON with non-ASCII characters as \uXXXX escapes
  *
  * The bytes of a stream's body as written are recorded with the request,
- * in sent_base64.
+ * in sent_base64, and how it ended: events (how many the stream has),
+ * events_sent, sent_bytes, finished (all of it written) and aborted (the
+ * connection closed by the other side before the end), with closed_time.
  *
  * GET /__requests lists the requests received (JSON), POST /__reset
  * forgets them, GET /health answers {"status":"ok"}.
@@ -59,6 +64,7 @@ let serial = 0;
 function parseMock(req) {
     const mock = { status: 0, delay: 0, chunkdelay: 0, usage: null,
                    nousage: false, die: false, dieat: 0, echo: 0, split: 0,
+                   words: 0,
                    eol: '\n', comments: false, events: false,
                    multiline: false, nospace: false, ascii: false };
     const values = req.headersDistinct['x-mock'] || [];
@@ -99,6 +105,9 @@ function parseMock(req) {
                 break;
             case 'echo':
                 mock.echo = parseInt(arg, 10) || 0;
+                break;
+            case 'words':
+                mock.words = parseInt(arg, 10) || 0;
                 break;
             case 'split':
                 mock.split = parseInt(arg, 10) || 0;
@@ -172,6 +181,16 @@ function plan(req, body, mock) {
 
         for (let i = 0; i < chars.length; i += mock.echo) {
             pieces.push(chars.slice(i, i + mock.echo).join(''));
+        }
+
+        return planned(req, body, mock, pieces, false);
+    }
+
+    if (mock.words > 0) {
+        const pieces = [];
+
+        for (let i = 0; i < mock.words; i++) {
+            pieces.push(WORDS[i % WORDS.length]);
         }
 
         return planned(req, body, mock, pieces, false);
@@ -727,8 +746,21 @@ async function sendStream(res, events, headers, mock, entry) {
     let total = 0;
     let dead = false;
 
+    let self = false;
+
     if (entry) {
         entry.sent_base64 = '';
+        entry.events = events.length;
+        entry.events_sent = 0;
+        entry.sent_bytes = 0;
+        entry.finished = false;
+        entry.aborted = false;
+
+        res.on('close', () => {
+            entry.finished = res.writableFinished;
+            entry.aborted = !res.writableFinished && !self;
+            entry.closed_time = Date.now() / 1000;
+        });
     }
 
     const write = (data, cb) => {
@@ -736,6 +768,7 @@ async function sendStream(res, events, headers, mock, entry) {
             data = data.subarray(0, mock.dieat - total);
             cb = () => res.socket.destroy();
             dead = true;
+            self = true;
         }
 
         total += data.length;
@@ -743,6 +776,7 @@ async function sendStream(res, events, headers, mock, entry) {
 
         if (entry) {
             entry.sent_base64 = Buffer.concat(sent).toString('base64');
+            entry.sent_bytes = total;
         }
 
         if (data.length === 0) {
@@ -767,12 +801,21 @@ async function sendStream(res, events, headers, mock, entry) {
         const text = eventText(events[i], i, mock);
 
         if (mock.die && i === half) {
+            self = true;
             write(text.subarray(0, text.length >> 1),
                   () => res.socket.destroy());
             return;
         }
 
+        if (res.destroyed) {
+            return;
+        }
+
         write(text);
+
+        if (entry && !dead) {
+            entry.events_sent = i + 1;
+        }
 
         if (dead) {
             return;
