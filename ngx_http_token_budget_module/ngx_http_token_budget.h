@@ -109,7 +109,7 @@ typedef struct {
     u_short                      len;
     uint32_t                     inflight;  /* reservations in flight */
     ngx_queue_t                  queue;
-    uint64_t                     window;    /* the current window's index */
+    uint64_t                     window;    /* its start, epoch ms */
     int64_t                      prev;      /* spent in the previous window */
     int64_t                      curr;      /* spent in the current one */
     uint64_t                     reserved;  /* by requests in flight */
@@ -248,6 +248,7 @@ typedef struct {
     ngx_atomic_t                 decisions[5];
     ngx_atomic_t                 drift[NGX_HTTP_TB_DRIFT_BUCKETS + 1];
     ngx_atomic_t                 drift_count;
+    ngx_atomic_t                 drift_sum;     /* signed, wrapping */
     ngx_atomic_t                 drift_sum_abs;
     ngx_atomic_t                 model[1][5];   /* models x counters */
 } ngx_http_tb_metrics_t;

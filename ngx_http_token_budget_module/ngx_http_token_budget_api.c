@@ -334,6 +334,22 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
         "completion_tokens_total", "rejected_total"
     };
 
+    static const struct {
+        const char  *name;
+        const char  *help;
+        const char  *type;
+        const char  *label;
+    } zmetrics[] = {
+        { "keys", "Keys in the zone.", "gauge", "" },
+        { "free_pages", "Free pages of the zone's memory.", "gauge", "" },
+        { "requests_total", "Requests by the zone's decision.", "counter",
+          ",decision=\"admitted\"" },
+        { "requests_total", "", "", ",decision=\"rejected\"" },
+        { "requests_total", "", "", ",decision=\"full\"" },
+        { "spent_tokens_total", "Tokens spent against the zone.", "counter",
+          "" }
+    };
+
     static const ngx_int_t  bounds[NGX_HTTP_TB_DRIFT_BUCKETS] = {
         -100, -10, -3, -1, 0, 1, 3, 10, 100
     };
@@ -379,9 +395,15 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
     b->last = ngx_sprintf(b->last,
                           "token_budget_prompt_drift_tokens_bucket"
                           "{le=\"+Inf\"} %uA\n"
+                          "token_budget_prompt_drift_tokens_sum %L\n"
                           "token_budget_prompt_drift_tokens_count %uA\n"
-                          "token_budget_prompt_drift_abs_tokens_sum %uA\n",
-                          cum, m ? m->drift_count : 0,
+                          "# HELP token_budget_prompt_drift_abs_tokens_total "
+                          "The sum of the drifts' absolute values.\n"
+                          "# TYPE token_budget_prompt_drift_abs_tokens_total "
+                          "counter\n"
+                          "token_budget_prompt_drift_abs_tokens_total %uA\n",
+                          cum, m ? (int64_t) m->drift_sum : 0,
+                          m ? m->drift_count : 0,
                           m ? m->drift_sum_abs : 0);
 
     models = tmcf->models.elts;
@@ -394,8 +416,10 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
         }
 
         b->last = ngx_sprintf(b->last,
+                              "# HELP token_budget_model_%s Requests and "
+                              "tokens by model pattern.\n"
                               "# TYPE token_budget_model_%s counter\n",
-                              counters[k]);
+                              counters[k], counters[k]);
 
         for (i = 0; i < tmcf->models.nelts; i++) {
             b->last = ngx_sprintf(b->last,
@@ -407,37 +431,52 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
         }
     }
 
+    /* each metric's samples together, after its HELP and TYPE */
+
     zones = tmcf->zones.elts;
 
-    b = ngx_http_tb_api_buf(r, &last, 512 + tmcf->zones.nelts * 1024);
-    if (b == NULL) {
-        return NGX_ERROR;
-    }
+    for (k = 0; k < 6; k++) {
+        b = ngx_http_tb_api_buf(r, &last, 256 + tmcf->zones.nelts * 160);
+        if (b == NULL) {
+            return NGX_ERROR;
+        }
 
-    b->last = ngx_sprintf(b->last,
-                          "# TYPE token_budget_zone_keys gauge\n"
-                          "# TYPE token_budget_zone_free_pages gauge\n"
-                          "# TYPE token_budget_zone_requests_total counter\n"
-                          "# TYPE token_budget_zone_spent_tokens_total "
-                          "counter\n");
+        if (zmetrics[k].type[0]) {
+            b->last = ngx_sprintf(b->last,
+                                  "# HELP token_budget_zone_%s %s\n"
+                                  "# TYPE token_budget_zone_%s %s\n",
+                                  zmetrics[k].name, zmetrics[k].help,
+                                  zmetrics[k].name, zmetrics[k].type);
+        }
 
-    for (i = 0; i < tmcf->zones.nelts; i++) {
-        zone = zones[i];
-        name = ngx_http_tb_api_zone_name(zone);
+        for (i = 0; i < tmcf->zones.nelts; i++) {
+            zone = zones[i];
+            name = ngx_http_tb_api_zone_name(zone);
 
-        b->last = ngx_sprintf(b->last,
-            "token_budget_zone_keys{zone=\"%V\"} %ui\n"
-            "token_budget_zone_free_pages{zone=\"%V\"} %ui\n"
-            "token_budget_zone_requests_total{zone=\"%V\","
-            "decision=\"admitted\"} %uL\n"
-            "token_budget_zone_requests_total{zone=\"%V\","
-            "decision=\"rejected\"} %uL\n"
-            "token_budget_zone_requests_total{zone=\"%V\","
-            "decision=\"full\"} %uL\n"
-            "token_budget_zone_spent_tokens_total{zone=\"%V\"} %uL\n",
-            name, zone->sh->keys, name, zone->shpool->pfree,
-            name, zone->sh->admitted, name, zone->sh->rejected,
-            name, zone->sh->full, name, zone->sh->spent);
+            b->last = ngx_sprintf(b->last, "token_budget_zone_%s{zone=\"%V\"%s} ",
+                                  zmetrics[k].name, name, zmetrics[k].label);
+
+            switch (k) {
+            case 0:
+                b->last = ngx_sprintf(b->last, "%ui\n", zone->sh->keys);
+                break;
+            case 1:
+                b->last = ngx_sprintf(b->last, "%ui\n", zone->shpool->pfree);
+                break;
+            case 2:
+                b->last = ngx_sprintf(b->last, "%uL\n", zone->sh->admitted);
+                break;
+            case 3:
+                b->last = ngx_sprintf(b->last, "%uL\n", zone->sh->rejected);
+                break;
+            case 4:
+                b->last = ngx_sprintf(b->last, "%uL\n", zone->sh->full);
+                break;
+            default:
+                b->last = ngx_sprintf(b->last, "%uL\n", zone->sh->spent);
+                break;
+            }
+        }
     }
 
     return NGX_OK;

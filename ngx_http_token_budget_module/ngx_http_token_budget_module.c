@@ -62,6 +62,7 @@ typedef struct {
     ngx_http_tb_refusal_t        refusal;
     time_t                       retry_after;
     ngx_uint_t                   reading_usage;
+    ngx_uint_t                   settled;
     ngx_uint_t                   replace;
     ngx_uint_t                   strip;     /* usage asked for by us */
     ngx_uint_t                   rewrite;   /* events are rewritten */
@@ -85,6 +86,7 @@ static ngx_int_t ngx_http_tb_handler(ngx_http_request_t *r);
 static void ngx_http_tb_body_handler(ngx_http_request_t *r);
 static ngx_http_tb_ctx_t *ngx_http_tb_get_ctx(ngx_http_request_t *r);
 static void ngx_http_tb_cleanup(void *data);
+static void ngx_http_tb_settle(ngx_http_tb_ctx_t *ctx);
 static ngx_uint_t ngx_http_tb_format(ngx_http_request_t *r,
     ngx_http_tb_loc_conf_t *tlcf);
 static void ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx);
@@ -555,7 +557,8 @@ ngx_http_tb_get_ctx(ngx_http_request_t *r)
 
 
 /*
- * settles the reservations whichever way the request ended: with the
+ * settles the reservations when the response has passed, or whichever
+ * other way the request ended (the pool cleanup): with the
  * usage the upstream reported; without it, the prompt counts as spent once
  * the upstream has received the request, and nothing when it has not
  */
@@ -563,8 +566,13 @@ ngx_http_tb_get_ctx(ngx_http_request_t *r)
 static void
 ngx_http_tb_cleanup(void *data)
 {
-    ngx_http_tb_ctx_t  *ctx = data;
+    ngx_http_tb_settle(data);
+}
 
+
+static void
+ngx_http_tb_settle(ngx_http_tb_ctx_t *ctx)
+{
     int64_t                 drift;
     uint64_t                prompt, output;
     ngx_uint_t              i;
@@ -575,9 +583,11 @@ ngx_http_tb_cleanup(void *data)
         -100, -10, -3, -1, 0, 1, 3, 10, 100
     };
 
-    if (ctx->nres == 0 && !ctx->reading_usage) {
+    if (ctx->settled || (ctx->nres == 0 && !ctx->reading_usage)) {
         return;
     }
+
+    ctx->settled = 1;
 
     r = ctx->request;
     m = ((ngx_http_tb_main_conf_t *) ngx_http_get_module_main_conf(r,
@@ -602,6 +612,8 @@ ngx_http_tb_cleanup(void *data)
 
             (void) ngx_atomic_fetch_add(&m->drift[i], 1);
             (void) ngx_atomic_fetch_add(&m->drift_count, 1);
+            (void) ngx_atomic_fetch_add(&m->drift_sum,
+                                        (ngx_atomic_int_t) drift);
             (void) ngx_atomic_fetch_add(&m->drift_sum_abs,
                                         drift < 0 ? -drift : drift);
         }
@@ -626,8 +638,6 @@ ngx_http_tb_cleanup(void *data)
             ngx_http_tb_zone_settle(&ctx->res[i], prompt, output, 1);
         }
     }
-
-    ctx->reading_usage = 0;
 
     ctx->nres = 0;
 }
@@ -1067,7 +1077,9 @@ static ngx_int_t
 ngx_http_tb_header_filter(ngx_http_request_t *r)
 {
     u_char                  *p;
-    ngx_uint_t               sse;
+    ngx_uint_t               sse, i;
+    ngx_list_part_t         *part;
+    ngx_table_elt_t         *h;
     ngx_http_tb_loc_conf_t  *tlcf;
     ngx_str_t           value;
     ngx_http_tb_ctx_t  *ctx;
@@ -1128,6 +1140,33 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
 
     if (!ctx->limited || ctx->refusal.tightest == NULL) {
         return ngx_http_next_header_filter(r);
+    }
+
+    /* the upstream's own figures of these give way to the budget's */
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash != 0 && h[i].key.len > 17
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "x-ratelimit-", 12)
+               == 0
+            && ngx_strncasecmp(h[i].key.data + h[i].key.len - 7,
+                               (u_char *) "-tokens", 7) == 0)
+        {
+            h[i].hash = 0;
+        }
     }
 
     p = ngx_pnalloc(r->pool, 3 * NGX_INT64_LEN + 2);
@@ -1292,6 +1331,11 @@ ngx_http_tb_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
         } else if (b->last_buf) {
             ngx_http_tb_usage_feed(&ctx->usage, NULL, 0, 1);
+        }
+
+        if (b->last_buf) {
+            /* the whole response passed: settle now, not when freed */
+            ngx_http_tb_settle(ctx);
         }
     }
 
@@ -1518,6 +1562,7 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
         last = 1;
         start = end;
         ngx_http_tb_usage_feed(&ctx->usage, NULL, 0, 1);
+        ngx_http_tb_settle(ctx);
 
     } else if (last) {
         /* the upstream's last bytes, an event it did not end among them */
@@ -1543,6 +1588,7 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
         }
 
         ngx_http_tb_usage_feed(&ctx->usage, NULL, 0, 1);
+        ngx_http_tb_settle(ctx);
     }
 
     ctx->events_len = end - start;
@@ -3259,21 +3305,24 @@ ngx_http_tb_metrics_init(ngx_shm_zone_t *shm_zone, void *data)
     ngx_http_tb_main_conf_t  *otmcf = data;
 
     size_t                    size;
+    ngx_uint_t                i, j, k;
     ngx_slab_pool_t          *shpool;
+    ngx_http_tb_model_t      *models, *omodels;
+    ngx_http_tb_metrics_t    *m, *old;
     ngx_http_tb_main_conf_t  *tmcf;
 
     tmcf = shm_zone->data;
     shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
 
-    if (otmcf && otmcf->metrics) {
-        tmcf->metrics = otmcf->metrics;
-        return NGX_OK;
-    }
-
-    if (shm_zone->shm.exists) {
+    if (shm_zone->shm.exists && otmcf == NULL) {
         tmcf->metrics = shpool->data;
         return NGX_OK;
     }
+
+    /*
+     * the models may differ after a reload: new memory, sized for the new
+     * list, takes the counters over by the models' names
+     */
 
     size = sizeof(ngx_http_tb_metrics_t)
            + tmcf->models.nelts * sizeof(ngx_atomic_t) * 5;
@@ -3284,6 +3333,46 @@ ngx_http_tb_metrics_init(ngx_shm_zone_t *shm_zone, void *data)
     }
 
     shpool->data = tmcf->metrics;
+
+    if (otmcf == NULL || otmcf->metrics == NULL) {
+        return NGX_OK;
+    }
+
+    old = otmcf->metrics;
+    m = tmcf->metrics;
+
+    for (i = 0; i < 5; i++) {
+        m->decisions[i] = old->decisions[i];
+    }
+
+    for (i = 0; i <= NGX_HTTP_TB_DRIFT_BUCKETS; i++) {
+        m->drift[i] = old->drift[i];
+    }
+
+    m->drift_count = old->drift_count;
+    m->drift_sum = old->drift_sum;
+    m->drift_sum_abs = old->drift_sum_abs;
+
+    models = tmcf->models.elts;
+    omodels = otmcf->models.elts;
+
+    for (i = 0; i < tmcf->models.nelts; i++) {
+        for (j = 0; j < otmcf->models.nelts; j++) {
+            if (models[i].prefix == omodels[j].prefix
+                && models[i].pattern.len == omodels[j].pattern.len
+                && ngx_strncmp(models[i].pattern.data, omodels[j].pattern.data,
+                               models[i].pattern.len) == 0)
+            {
+                for (k = 0; k < 5; k++) {
+                    m->model[i][k] = old->model[j][k];
+                }
+
+                break;
+            }
+        }
+    }
+
+    ngx_slab_free(shpool, old);
 
     return NGX_OK;
 }

@@ -228,7 +228,7 @@ ngx_http_tb_zone_create(ngx_http_tb_zone_t *zone, ngx_str_t *key,
 
     tn->len = (u_short) key->len;
     tn->inflight = 0;
-    tn->window = now / zone->period;
+    tn->window = now - now % zone->period;
     tn->prev = 0;
     tn->curr = 0;
     tn->reserved = 0;
@@ -300,31 +300,42 @@ ngx_http_tb_zone_expire(ngx_http_tb_zone_t *zone, ngx_uint_t n,
 }
 
 
-/* moves a key's counters to the window "now" is in */
+/*
+ * moves a key's counters to the window "now" is in; windows are kept by
+ * their start, so that a reload that changes the period keeps what was
+ * spent: a window that started in the new current one is the current one
+ */
 
 static void
 ngx_http_tb_zone_roll(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
     ngx_msec_t now)
 {
-    uint64_t  w;
+    uint64_t  start;
 
-    w = now / zone->period;
+    start = now - now % zone->period;
 
-    if (node->window == w) {
+    if (node->window >= start) {
+        node->window = start;
         return;
     }
 
     /* credit left by a top-up carries over, spending moves back */
 
-    node->prev = (node->window + 1 == w && node->curr > 0) ? node->curr : 0;
+    node->prev = (node->window + zone->period >= start && node->curr > 0)
+                 ? node->curr : 0;
 
     if (node->curr > 0) {
         node->curr = 0;
     }
 
-    node->window = w;
+    node->window = start;
 }
 
+
+/*
+ * the previous window's share is rounded up, so that it matches the
+ * moment ngx_http_tb_zone_retry() finds
+ */
 
 static int64_t
 ngx_http_tb_zone_used(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
@@ -336,7 +347,8 @@ ngx_http_tb_zone_used(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
 
     elapsed = now % zone->period;
 
-    return node->prev * (int64_t) (zone->period - elapsed)
+    return (node->prev * (int64_t) (zone->period - elapsed)
+            + (int64_t) zone->period - 1)
            / (int64_t) zone->period
            + node->curr;
 }
@@ -596,6 +608,12 @@ ngx_http_tb_zone_key(ngx_http_tb_zone_t *zone, ngx_str_t *key,
 
     if (node == NULL && op == NGX_HTTP_TB_KEY_TOPUP) {
         node = ngx_http_tb_zone_create(zone, key, hash, now);
+
+        if (node == NULL) {
+            zone->sh->full++;
+            ngx_shmtx_unlock(&zone->shpool->mutex);
+            return NGX_ERROR;
+        }
     }
 
     if (node == NULL) {
