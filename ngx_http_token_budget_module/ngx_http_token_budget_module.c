@@ -117,6 +117,8 @@ static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r,
 static ngx_int_t ngx_http_tb_ending(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, uint64_t prompt, uint64_t output,
     ngx_chain_t ***last);
+static ngx_uint_t ngx_http_tb_is_string(ngx_http_tb_json_t *v,
+    const char *s);
 static ngx_int_t ngx_http_tb_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_tb_nginx_error(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx);
@@ -1715,17 +1717,16 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
 
                 v = ngx_http_tb_json_get(root, "type");
 
-                if (v && v->type == NGX_HTTP_TB_JSON_STRING
-                    && v->str.len > 19
-                    && ngx_strncmp(v->str.data, "content_block_", 14) == 0)
-                {
-                    ctx->block_open = (v->str.data[14] == 's'
-                                       && v->str.data[16] == 'a');
+                if (ngx_http_tb_is_string(v, "content_block_start")) {
+                    ctx->block_open = 1;
 
                     v = ngx_http_tb_json_get(root, "index");
                     if (v && v->type == NGX_HTTP_TB_JSON_NUMBER) {
                         ctx->block_index = v->str;
                     }
+
+                } else if (ngx_http_tb_is_string(v, "content_block_stop")) {
+                    ctx->block_open = 0;
                 }
 
                 root = ngx_http_tb_json_get(root, "response");
@@ -1803,6 +1804,21 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
                   "token budget: stream cut after %uL output tokens", output);
 
     return NGX_DONE;
+}
+
+
+static ngx_uint_t
+ngx_http_tb_is_string(ngx_http_tb_json_t *v, const char *s)
+{
+    size_t  len;
+
+    if (v == NULL || v->type != NGX_HTTP_TB_JSON_STRING) {
+        return 0;
+    }
+
+    len = ngx_strlen(s);
+
+    return v->str.len == len && ngx_strncmp(v->str.data, s, len) == 0;
 }
 
 
