@@ -284,6 +284,7 @@ ngx_int_t ngx_http_tb_count_body(ngx_http_tb_count_t *c, ngx_array_t *models,
     ngx_uint_t image_tokens);
 ngx_http_tb_model_t *ngx_http_tb_find_model(ngx_array_t *models,
     ngx_str_t *name);
+ngx_uint_t ngx_http_tb_is(ngx_http_tb_json_t *v, const char *s);
 
 char *ngx_http_tb_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 

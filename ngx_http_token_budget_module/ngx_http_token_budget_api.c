@@ -453,7 +453,8 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
             zone = zones[i];
             name = ngx_http_tb_api_zone_name(zone);
 
-            b->last = ngx_sprintf(b->last, "token_budget_zone_%s{zone=\"%V\"%s} ",
+            b->last = ngx_sprintf(b->last,
+                                  "token_budget_zone_%s{zone=\"%V\"%s} ",
                                   zmetrics[k].name, name, zmetrics[k].label);
 
             switch (k) {

@@ -61,7 +61,6 @@ static ngx_int_t ngx_http_tb_image_size(u_char *p, size_t len,
     ngx_uint_t *w, ngx_uint_t *h);
 static ngx_int_t ngx_http_tb_invalid(ngx_http_tb_count_t *c,
     const char *message);
-static ngx_uint_t ngx_http_tb_is(ngx_http_tb_json_t *v, const char *s);
 
 
 static ngx_uint_t  ngx_http_tb_image_tokens;
@@ -1129,8 +1128,9 @@ ngx_http_tb_integer(ngx_http_tb_json_t *v, uint64_t max, uint64_t *n)
  * Images.  OpenAI (the published formula for GPT-4o and GPT-4.1): 85 tokens
  * at low detail; else fit in 2048 x 2048, scale the short side down to 768,
  * and 170 tokens a 512 px tile plus 85.  Anthropic (kind 2): fit the long
- * side in 1568 px, width x height / 750, at most 1600.  Sizes are read from a base64
- * data URL's image header; without it, the configured bound counts.
+ * side in 1568 px, width x height / 750, at most 1600.  Sizes are read
+ * from a base64 data URL's image header; without it, the configured bound
+ * counts.
  */
 
 static ngx_int_t
@@ -1324,7 +1324,7 @@ ngx_http_tb_invalid(ngx_http_tb_count_t *c, const char *message)
 }
 
 
-static ngx_uint_t
+ngx_uint_t
 ngx_http_tb_is(ngx_http_tb_json_t *v, const char *s)
 {
     size_t  len;

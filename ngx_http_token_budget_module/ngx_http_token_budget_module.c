@@ -117,8 +117,6 @@ static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r,
 static ngx_int_t ngx_http_tb_ending(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, uint64_t prompt, uint64_t output,
     ngx_chain_t ***last);
-static ngx_uint_t ngx_http_tb_is_string(ngx_http_tb_json_t *v,
-    const char *s);
 static ngx_int_t ngx_http_tb_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_tb_nginx_error(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx);
@@ -1717,7 +1715,7 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
 
                 v = ngx_http_tb_json_get(root, "type");
 
-                if (ngx_http_tb_is_string(v, "content_block_start")) {
+                if (ngx_http_tb_is(v, "content_block_start")) {
                     ctx->block_open = 1;
 
                     v = ngx_http_tb_json_get(root, "index");
@@ -1725,7 +1723,7 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
                         ctx->block_index = v->str;
                     }
 
-                } else if (ngx_http_tb_is_string(v, "content_block_stop")) {
+                } else if (ngx_http_tb_is(v, "content_block_stop")) {
                     ctx->block_open = 0;
                 }
 
@@ -1804,21 +1802,6 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
                   "token budget: stream cut after %uL output tokens", output);
 
     return NGX_DONE;
-}
-
-
-static ngx_uint_t
-ngx_http_tb_is_string(ngx_http_tb_json_t *v, const char *s)
-{
-    size_t  len;
-
-    if (v == NULL || v->type != NGX_HTTP_TB_JSON_STRING) {
-        return 0;
-    }
-
-    len = ngx_strlen(s);
-
-    return v->str.len == len && ngx_strncmp(v->str.data, s, len) == 0;
 }
 
 
@@ -2410,8 +2393,8 @@ ngx_http_tb_send_error(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
         break;
     }
 
-    len = sizeof("{\"type\":\"error\",\"error\":{\"type\":\"\",\"message\":\"\","
-                 "\"param\":null,\"code\":\"\"}}\n")
+    len = sizeof("{\"type\":\"error\",\"error\":{\"type\":\"\","
+                 "\"message\":\"\",\"param\":null,\"code\":\"\"}}\n")
           + type.len + 6 * ctx->error.message.len + 6 * ctx->error.code.len;
 
     b = ngx_create_temp_buf(r->pool, len);
@@ -3424,7 +3407,7 @@ ngx_http_tb_init(ngx_conf_t *cf)
                + 8 * ngx_pagesize;
 
         tmcf->metrics_zone = ngx_shared_memory_add(cf, &name, size,
-                                                  &ngx_http_token_budget_module);
+                                                &ngx_http_token_budget_module);
         if (tmcf->metrics_zone == NULL) {
             return NGX_ERROR;
         }

@@ -386,7 +386,8 @@ tk_encoding_parse(const unsigned char *data, size_t len, tk_pattern_e pattern,
     enc->filter = tk_alloc(allocator, ((size_t) 1 << (32 - enc->filter_shift))
                                       / 8);
 
-    if (enc->key == NULL || enc->filter == NULL || enc->bytes == NULL || enc->offset == NULL || enc->present == NULL
+    if (enc->key == NULL || enc->filter == NULL || enc->bytes == NULL
+        || enc->offset == NULL || enc->present == NULL
         || enc->table == NULL || enc->pair_rank == NULL)
     {
         snprintf(err, errlen, "out of memory");
