@@ -86,6 +86,7 @@ typedef struct {
     ngx_http_tb_json_t          *output_field;
     ngx_uint_t                   choices;         /* n, best_of */
     ngx_uint_t                   image_bound;
+    ngx_uint_t                   cache;
     ngx_http_tb_error_t          error;
     ngx_log_t                   *log;
     ngx_pool_t                  *pool;

@@ -63,7 +63,30 @@ static ngx_int_t ngx_http_tb_invalid(ngx_http_tb_count_t *c,
     const char *message);
 
 
-static ngx_uint_t  ngx_http_tb_image_tokens;
+static uint64_t ngx_http_tb_hash(u_char *p, size_t len);
+
+
+/*
+ * Counts of long strings, per worker: a conversation's history comes back
+ * with every turn, and is counted once.  An entry is a 64-bit keyed hash,
+ * the length and the encoding; a string only counts from here when all
+ * three are equal.
+ */
+
+#define NGX_HTTP_TB_CACHE_SIZE  4096
+#define NGX_HTTP_TB_CACHE_MIN   256
+
+typedef struct {
+    uint64_t             hash;
+    size_t               len;
+    tk_encoding_t       *enc;
+    uint64_t             count;
+} ngx_http_tb_cache_t;
+
+
+static ngx_http_tb_cache_t  ngx_http_tb_cache[NGX_HTTP_TB_CACHE_SIZE];
+static uint64_t             ngx_http_tb_hash_key;
+static ngx_uint_t           ngx_http_tb_image_tokens;
 
 
 ngx_http_tb_model_t *
@@ -178,10 +201,26 @@ ngx_http_tb_count_body(ngx_http_tb_count_t *c, ngx_array_t *models,
 static ngx_int_t
 ngx_http_tb_text(ngx_http_tb_count_t *c, u_char *p, size_t len, uint64_t *n)
 {
-    int64_t  k;
+    int64_t               k;
+    uint64_t              h;
+    ngx_http_tb_cache_t  *e;
 
     if (len == 0) {
         return NGX_OK;
+    }
+
+    e = NULL;
+
+    if (c->cache && len >= NGX_HTTP_TB_CACHE_MIN) {
+        h = ngx_http_tb_hash(p, len);
+        e = &ngx_http_tb_cache[h & (NGX_HTTP_TB_CACHE_SIZE - 1)];
+
+        if (e->hash == h && e->len == len
+            && e->enc == c->model->encoding->enc)
+        {
+            *n += e->count;
+            return NGX_OK;
+        }
     }
 
     k = tk_count(c->model->encoding->enc, p, len);
@@ -192,9 +231,55 @@ ngx_http_tb_text(ngx_http_tb_count_t *c, u_char *p, size_t len, uint64_t *n)
         return NGX_ERROR;
     }
 
+    if (e) {
+        e->hash = h;
+        e->len = len;
+        e->enc = c->model->encoding->enc;
+        e->count = (uint64_t) k;
+    }
+
     *n += (uint64_t) k;
 
     return NGX_OK;
+}
+
+
+/*
+ * A 64-bit hash of a string, with a key drawn when the worker starts, so
+ * that strings cannot be made to collide from outside.
+ */
+
+static uint64_t
+ngx_http_tb_hash(u_char *p, size_t len)
+{
+    uint64_t  h, w;
+
+    if (ngx_http_tb_hash_key == 0) {
+        ngx_http_tb_hash_key = ((uint64_t) ngx_random() << 32 | ngx_random())
+                               | 1;
+    }
+
+    h = ngx_http_tb_hash_key ^ (len * 0x9e3779b97f4a7c15ULL);
+
+    while (len >= 8) {
+        ngx_memcpy(&w, p, 8);
+        h = (h ^ w) * 0xbf58476d1ce4e5b9ULL;
+        h ^= h >> 29;
+        p += 8;
+        len -= 8;
+    }
+
+    w = 0;
+
+    while (len) {
+        w = w << 8 | p[--len];
+    }
+
+    h = (h ^ w) * 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+    h = (h ^ ngx_http_tb_hash_key) * 0xbf58476d1ce4e5b9ULL;
+
+    return h ^ (h >> 32);
 }
 
 

@@ -38,6 +38,7 @@ typedef struct {
     ngx_array_t                 *limits;     /* ngx_http_tb_zone_t * */
     ngx_uint_t                   full_status;
     ngx_uint_t                   stream_cut;
+    ngx_flag_t                   count_cache;
 } ngx_http_tb_loc_conf_t;
 
 
@@ -225,6 +226,13 @@ static ngx_command_t  ngx_http_tb_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_tb_loc_conf_t, stream_cut),
       &ngx_http_tb_cuts },
+
+    { ngx_string("token_budget_count_cache"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, count_cache),
+      NULL },
 
     { ngx_string("token_budget_api"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
@@ -737,6 +745,7 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
     c.format = ctx->format;
     c.log = r->connection->log;
     c.pool = r->pool;
+    c.cache = tlcf->count_cache;
 
     rc = ngx_http_tb_json_parse(r->pool, body.data, body.len, &c.root, &err);
 
@@ -2660,6 +2669,7 @@ ngx_http_tb_create_loc_conf(ngx_conf_t *cf)
     conf->max_body = NGX_CONF_UNSET_SIZE;
     conf->full_status = NGX_CONF_UNSET_UINT;
     conf->stream_cut = NGX_CONF_UNSET_UINT;
+    conf->count_cache = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -2704,6 +2714,7 @@ ngx_http_tb_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                               NGX_HTTP_SERVICE_UNAVAILABLE);
     ngx_conf_merge_uint_value(conf->stream_cut, prev->stream_cut,
                               NGX_HTTP_TB_CUT_OFF);
+    ngx_conf_merge_value(conf->count_cache, prev->count_cache, 1);
 
     if (conf->limits == NULL) {
         conf->limits = prev->limits;

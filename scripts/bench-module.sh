@@ -95,6 +95,14 @@ http {
             proxy_set_header Connection "";
         }
 
+        location /nocache/v1/ {
+            token_budget on;
+            token_budget_count_cache off;
+            proxy_pass http://llm/v1/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+
         location /limited/v1/ {
             token_budget on;
             token_budget_limit zone=users;
@@ -152,14 +160,18 @@ curl -s -o /dev/null -w "check: %{http_code}\n" \
 
 on=$(rps on small 16)
 off=$(rps off small 16)
+nocache=$(rps nocache small 16)
 limited=$(rps limited small 16)
 
 echo "4 KB chat body, 16 connections, $secs s each:"
 echo "  module off:               $off requests/s"
 echo "  module on:                $on requests/s"
+echo "  module on, no count cache: $nocache requests/s"
 echo "  module on, two limits:    $limited requests/s (1000 users, 1 tenant)"
 awk -v on="$on" -v off="$off" -v lim="$limited" \
+    -v nc="$nocache" \
     'BEGIN { printf "  on / off:                 %.1f%%\n", 100 * on / off;
+             printf "  no cache / off:           %.1f%%\n", 100 * nc / off;
              printf "  two limits / off:         %.1f%%\n", 100 * lim / off }'
 
 # memory per key: free slab pages before and after 20000 new keys
@@ -191,6 +203,6 @@ keys=$(curl -s "http://127.0.0.1:$port/budget/zones" \
 echo "zone memory: $keys keys took $((before - after)) pages of 4096 bytes:" \
     "$(( (before - after) * 4096 / (keys > 1 ? keys - 1000 : 1) )) bytes a key"
 
-echo "500 KB chat body, one connection, mean / p50 / p99 latency:"
-echo "  module off: $(latency off large)"
-echo "  module on:  $(latency on large)"
+echo "500 KB chat body, one connection, mean latency:"
+echo "  module off:               $(latency off large)"
+echo "  module on, no count cache: $(latency nocache large)"
