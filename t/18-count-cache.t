@@ -85,12 +85,16 @@ isnt($other, $first, 'same length, other text, other count');
 is($other, count('/nocache/v1/chat/completions', 'gpt-4o', $digits),
     'same length, other text, counted');
 
-# the same string in another encoding is counted in that one
+# the same string in another encoding is counted in that one: Chinese,
+# which the two encodings count differently
 
-is(count('/v1/chat/completions', 'gpt-4', $words),
-    count('/nocache/v1/chat/completions', 'gpt-4', $words),
+my $zh = "\x{4e2d}\x{6587}\x{7684}\x{6587}\x{672c}\x{3002}" x 30;
+my $o200k = count('/v1/chat/completions', 'gpt-4o', $zh);
+
+is(count('/v1/chat/completions', 'gpt-4', $zh),
+    count('/nocache/v1/chat/completions', 'gpt-4', $zh),
     'another encoding, its own count');
-isnt(count('/v1/chat/completions', 'gpt-4', $words), $first,
+isnt(count('/v1/chat/completions', 'gpt-4', $zh), $o200k,
     'another encoding, not the other count');
 
 ###############################################################################
