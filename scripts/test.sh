@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 sh scripts/deps.sh
 make
+(cd data && sha256sum -c --quiet SHA256SUMS)
 make tk-test
 FUZZ_SECONDS=${FUZZ_SECONDS:-60} sh tokenizer/test/fuzz.sh
 prove -r t/
