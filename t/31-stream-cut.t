@@ -19,6 +19,7 @@
 
 use strict;
 use warnings;
+use utf8;
 
 use FindBin;
 use lib "$FindBin::Bin/lib";
@@ -31,7 +32,7 @@ use Time::HiRes qw(sleep time);
 use Test::More;
 use TBTest;
 
-my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(317);
+my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(321);
 
 %%TEST_GLOBALS%%
 
@@ -153,7 +154,8 @@ my %DIALECT = (
         body => sub {
             my (%o) = @_;
             my $b = { model => 'm', stream => JSON::PP::true(),
-                      messages => [{ role => 'user', content => $HELLO }] };
+                      messages => [{ role => 'user',
+                                     content => $o{text} // $HELLO }] };
             $b->{max_tokens} = $o{max} if defined $o{max};
             $b->{stream_options} = { include_usage => JSON::PP::true() }
                 if $o{usage};
@@ -586,6 +588,29 @@ for my $d (@DIALECTS) {
 
     my $r = stream($d, 'max', $user, 'words=16 chunkdelay=25', max => 3);
     cut_ok($r, $d, "$d, max_tokens 3", 'user', $user, 3);
+}
+
+# text in pieces that cut words and characters of several bytes (echo=3
+# streams the prompt three characters at a time): the cut comes with the
+# piece that brings the count of the text so far to 5, the seventh
+# ("Streaming naïve café " is 5 tokens, cl100k_base), and the usage
+# reports 5
+
+{
+    my $text = "Streaming naïve café text: 東京タワー 🎉🎉 done";
+    my $user = 'chat-echo';
+
+    my $r = stream('chat', 'cut', $user, 'echo=3 chunkdelay=10',
+        usage => 1, text => $text);
+    my $p = logged($user)->{p};
+
+    is($r->{text}, substr($text, 0, 21), 'echo, the text before the cut');
+
+    my $problems = ending_problems('chat', $r->{events}, $p, 5, usage => 1);
+    ok($problems eq '', 'echo, the ending and its usage') or diag($problems);
+
+    is_deeply(key('user', $user), [$p + 5, 0, 0], 'echo, settled');
+    ok($r->{upstream}{aborted}, 'echo, the upstream closed early');
 }
 
 # events in pieces, CR LF line ends, comments: the same ending
