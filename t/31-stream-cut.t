@@ -32,7 +32,7 @@ use Time::HiRes qw(sleep time);
 use Test::More;
 use TBTest;
 
-my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(321);
+my $t = TBTest->new()->write_conf(<<'EOF')->run()->plan(336);
 
 %%TEST_GLOBALS%%
 
@@ -737,6 +737,44 @@ for my $d (qw(chat completions)) {
     }
 
     is_deeply(key('user', $user), [366, 0, 0], "$d, multiline, settled");
+}
+
+# what the client said of stream_options: the usage asked for, unless the
+# client asked, and what the client did not ask for taken out again
+
+{
+    my $n = 0;
+
+    for my $so ('null', '{}', '{"include_usage":false}',
+                '{"include_usage":null}', '{"foo":1}')
+    {
+        my $user = 'inject-options-' . $n++;
+        my $body = '{"model":"m","stream":true,"stream_options":' . $so
+            . ',"messages":[{"role":"user","content":"Say hello."}]}';
+
+        my $direct = http_post('/v1/chat/completions', $body,
+            'X-User' => "$user-direct", 'X-Mock' => 'usage=321,45',
+            -port => $t->upstream_port());
+        my $r = http_post('/inject/chat/completions', $body,
+            'X-User' => $user, 'X-Mock' => 'usage=321,45');
+
+        my $asked = TBTest::json_decode(upstream_entry($user)->{body});
+        my $expected = TBTest::json_decode($so) // {};
+        $expected->{include_usage} = JSON::PP::true();
+
+        is_deeply($asked->{stream_options}, $expected,
+            "stream_options $so, asked");
+
+        for ($direct->{body}, $r->{body}) {
+            s/mock[0-9a-z]{8}/mockID/g;
+            s/"created":\d+/"created":0/g;
+        }
+
+        same_bytes($r->{body}, $direct->{body},
+            "stream_options $so, the same stream");
+        is_deeply(key('user', $user), [366, 0, 0],
+            "stream_options $so, settled");
+    }
 }
 
 # the client's connection after a cut: the response said keep-alive, so
