@@ -1145,6 +1145,14 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
             ngx_http_clear_content_length(r);
             ngx_http_clear_accept_ranges(r);
         }
+
+        if (sse) {
+            /*
+             * events go to the client as they come, whatever
+             * proxy_buffering says: nginx reads this after the header
+             */
+            r->upstream->buffering = 0;
+        }
     }
 
     if (!ctx->limited || ctx->refusal.tightest == NULL) {
