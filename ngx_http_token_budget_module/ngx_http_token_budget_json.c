@@ -81,12 +81,12 @@ ngx_http_tb_json_parse(ngx_pool_t *pool, u_char *data, size_t len,
     ngx_uint_t               truncated;
     yajl_handle              h;
     yajl_status              st;
-    ngx_http_tb_json_ctx_t  *ctx;
+    ngx_http_tb_json_ctx_t  *ctx, parse;
 
-    ctx = ngx_pcalloc(pool, sizeof(ngx_http_tb_json_ctx_t));
-    if (ctx == NULL) {
-        return NGX_ERROR;
-    }
+    /* the parser's state lives only as long as the parse */
+
+    ctx = &parse;
+    ngx_memzero(ctx, sizeof(ngx_http_tb_json_ctx_t));
 
     ctx->pool = pool;
 

@@ -1691,6 +1691,18 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
 
             dlen = d - data;
 
+            /*
+             * the tree of an event is needed to take usage out, and to
+             * learn what an ending needs; once that is known, an OpenAI
+             * event that is not rewritten goes as it is
+             */
+
+            if (!ctx->strip && ctx->stream_id.len
+                && ctx->format != NGX_HTTP_TB_FORMAT_ANTHROPIC)
+            {
+                break;
+            }
+
             if (dlen && *data == '{'
                 && ngx_http_tb_json_parse(r->pool, data, dlen, &root, &err)
                    == NGX_OK)
