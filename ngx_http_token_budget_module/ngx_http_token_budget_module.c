@@ -115,6 +115,7 @@ static ngx_int_t ngx_http_tb_rewrite(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, ngx_chain_t *in);
 static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, u_char *p, size_t len, ngx_chain_t ***last);
+static ngx_uint_t ngx_http_tb_usage_chunk(u_char *p, size_t len);
 static ngx_int_t ngx_http_tb_ending(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, uint64_t prompt, uint64_t output,
     ngx_chain_t ***last);
@@ -1697,9 +1698,24 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
              * event that is not rewritten goes as it is
              */
 
-            if (!ctx->strip && ctx->stream_id.len
+            if (ctx->stream_id.len
                 && ctx->format != NGX_HTTP_TB_FORMAT_ANTHROPIC)
             {
+                if (!ctx->strip) {
+                    break;
+                }
+
+                /*
+                 * keys are found in the text, of all the event's data
+                 * lines: a quoted key cannot occur inside a JSON string,
+                 * where quotes are escaped
+                 */
+
+                if (ngx_http_tb_usage_chunk(data, end - data)) {
+                    return NGX_OK;
+                }
+
+                cut = ngx_http_tb_null_usage(data, end - data, &cut_end);
                 break;
             }
 
@@ -1831,6 +1847,45 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
                   "token budget: stream cut after %uL output tokens", output);
 
     return NGX_DONE;
+}
+
+
+/* an OpenAI usage-only chunk: "choices": [] and a "usage" object */
+
+static ngx_uint_t
+ngx_http_tb_usage_chunk(u_char *p, size_t len)
+{
+    u_char  *q, *end;
+
+    end = p + len;
+
+    q = ngx_strlcasestrn(p, end, (u_char *) "\"choices\"", 9 - 1);
+    if (q == NULL) {
+        return 0;
+    }
+
+    for (q += 9; q < end && (*q == ' ' || *q == ':'); q++) { /* void */ }
+
+    if (q == end || *q++ != '[') {
+        return 0;
+    }
+
+    while (q < end && *q == ' ') {
+        q++;
+    }
+
+    if (q == end || *q != ']') {
+        return 0;
+    }
+
+    q = ngx_strlcasestrn(p, end, (u_char *) "\"usage\"", 7 - 1);
+    if (q == NULL) {
+        return 0;
+    }
+
+    for (q += 7; q < end && (*q == ' ' || *q == ':'); q++) { /* void */ }
+
+    return q < end && *q == '{';
 }
 
 
