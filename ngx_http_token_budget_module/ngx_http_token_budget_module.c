@@ -1522,11 +1522,6 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
     if (ctx->cut) {
         /* the client has its ending: what the upstream still sends goes */
-
-        if (r->out == NULL && !r->connection->buffered) {
-            return NGX_ERROR;
-        }
-
         return ngx_http_next_body_filter(r, NULL);
     }
 
@@ -1641,15 +1636,15 @@ ngx_http_tb_rewrite(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
     rc = ngx_http_next_body_filter(r, out);
 
-    if (ctx->cut && rc == NGX_OK && r->out == NULL
-        && !r->connection->buffered)
-    {
+    if (ctx->cut && r->upstream) {
         /*
-         * the ending is with the client: an error stops the upstream,
-         * so the provider stops generating
+         * the response is complete as far as the upstream module is
+         * concerned: it closes the upstream connection, so the provider
+         * stops generating, and ends the request as usual, so the
+         * client's connection may be kept alive
          */
 
-        return NGX_ERROR;
+        r->upstream->length = 0;
     }
 
     return rc;
