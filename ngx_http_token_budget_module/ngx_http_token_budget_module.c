@@ -76,6 +76,10 @@ typedef struct {
     ngx_str_t                    stream_id;
     ngx_str_t                    stream_created;
     ngx_str_t                    stream_model;
+    ngx_str_t                    item_id;
+    ngx_str_t                    text;      /* streamed Responses text */
+    size_t                       text_size;
+    ngx_int_t                    sequence;
     u_char                      *events;    /* an event not yet complete */
     size_t                       events_len;
     size_t                       events_size;
@@ -116,6 +120,8 @@ static ngx_int_t ngx_http_tb_rewrite(ngx_http_request_t *r,
 static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, u_char *p, size_t len, ngx_chain_t ***last);
 static ngx_uint_t ngx_http_tb_usage_chunk(u_char *p, size_t len);
+static ngx_int_t ngx_http_tb_append(ngx_pool_t *pool, ngx_str_t *to,
+    size_t *size, ngx_str_t *s);
 static ngx_int_t ngx_http_tb_ending(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, uint64_t prompt, uint64_t output,
     ngx_chain_t ***last);
@@ -1694,7 +1700,9 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
              */
 
             if (ctx->stream_id.len
-                && ctx->format != NGX_HTTP_TB_FORMAT_ANTHROPIC)
+                && ctx->format != NGX_HTTP_TB_FORMAT_ANTHROPIC
+                && !(ctx->format == NGX_HTTP_TB_FORMAT_RESPONSES
+                     && ctx->cut_at))
             {
                 if (!ctx->strip) {
                     break;
@@ -1753,9 +1761,32 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
                     ctx->stream_model = v->str;
                 }
 
+                v = ngx_http_tb_json_get(root, "sequence_number");
+                if (v && v->type == NGX_HTTP_TB_JSON_NUMBER) {
+                    ctx->sequence = ngx_atoi(v->str.data, v->str.len);
+                }
+
                 v = ngx_http_tb_json_get(root, "type");
 
-                if (ngx_http_tb_is(v, "content_block_start")) {
+                if (ctx->format == NGX_HTTP_TB_FORMAT_RESPONSES
+                    && ngx_http_tb_is(v, "response.output_text.delta"))
+                {
+                    v = ngx_http_tb_json_get(root, "delta");
+
+                    if (v && v->type == NGX_HTTP_TB_JSON_STRING
+                        && ngx_http_tb_append(r->pool, &ctx->text,
+                                              &ctx->text_size, &v->str)
+                           != NGX_OK)
+                    {
+                        return NGX_ERROR;
+                    }
+
+                    v = ngx_http_tb_json_get(root, "item_id");
+                    if (v && v->type == NGX_HTTP_TB_JSON_STRING) {
+                        ctx->item_id = v->str;
+                    }
+
+                } else if (ngx_http_tb_is(v, "content_block_start")) {
                     ctx->block_open = 1;
 
                     v = ngx_http_tb_json_get(root, "index");
@@ -1845,6 +1876,34 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
 }
 
 
+static ngx_int_t
+ngx_http_tb_append(ngx_pool_t *pool, ngx_str_t *to, size_t *size,
+    ngx_str_t *s)
+{
+    u_char  *p;
+    size_t   n;
+
+    if (to->len + s->len > *size) {
+        n = ngx_max(2 * *size, to->len + s->len);
+        n = ngx_max(n, 256);
+
+        p = ngx_pnalloc(pool, n);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(p, to->data, to->len);
+        to->data = p;
+        *size = n;
+    }
+
+    ngx_memcpy(to->data + to->len, s->data, s->len);
+    to->len += s->len;
+
+    return NGX_OK;
+}
+
+
 /* an OpenAI usage-only chunk: "choices": [] and a "usage" object */
 
 static ngx_uint_t
@@ -1910,7 +1969,8 @@ ngx_http_tb_ending(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
         ngx_str_set(&index, "0");
     }
 
-    len = 1024 + 6 * (id.len + model.len) + ctx->choices * 128;
+    len = 1024 + 6 * (id.len + model.len + ctx->item_id.len + ctx->text.len)
+          + ctx->choices * 128;
 
     b = ngx_create_temp_buf(r->pool, len);
     if (b == NULL) {
@@ -1989,16 +2049,33 @@ ngx_http_tb_ending(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
     default: /* NGX_HTTP_TB_FORMAT_RESPONSES */
 
-        p = ngx_http_tb_literal(p, "event: response.incomplete\n"
-                          "data: {\"type\":\"response.incomplete\","
-                          "\"response\":{\"id\":\"");
+        /* the text streamed so far is the response's output */
+
+        p = ngx_sprintf(p, "event: response.incomplete\n"
+                           "data: {\"type\":\"response.incomplete\","
+                           "\"sequence_number\":%i,\"response\":{\"id\":\"",
+                        ctx->sequence + 1);
         p = ngx_http_tb_escape(p, &id);
         p = ngx_http_tb_literal(p, "\",\"object\":\"response\",\"model\":\"");
         p = ngx_http_tb_escape(p, &model);
-        p = ngx_sprintf(p, "\",\"status\":\"incomplete\","
-                           "\"incomplete_details\":"
-                           "{\"reason\":\"max_output_tokens\"},"
-                           "\"output\":[],\"usage\":{\"input_tokens\":%uL,"
+        p = ngx_http_tb_literal(p, "\",\"status\":\"incomplete\","
+                                   "\"incomplete_details\":"
+                                   "{\"reason\":\"max_output_tokens\"},"
+                                   "\"output\":[");
+
+        if (ctx->text.len) {
+            p = ngx_http_tb_literal(p, "{\"id\":\"");
+            p = ngx_http_tb_escape(p, &ctx->item_id);
+            p = ngx_http_tb_literal(p, "\",\"type\":\"message\","
+                                       "\"status\":\"incomplete\","
+                                       "\"role\":\"assistant\",\"content\":"
+                                       "[{\"type\":\"output_text\","
+                                       "\"annotations\":[],\"text\":\"");
+            p = ngx_http_tb_escape(p, &ctx->text);
+            p = ngx_http_tb_literal(p, "\"}]}");
+        }
+
+        p = ngx_sprintf(p, "],\"usage\":{\"input_tokens\":%uL,"
                            "\"output_tokens\":%uL,\"total_tokens\":%uL}}}\n\n",
                         prompt, output, prompt + output);
         break;
