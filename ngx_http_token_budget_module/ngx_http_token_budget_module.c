@@ -120,6 +120,9 @@ static ngx_int_t ngx_http_tb_rewrite(ngx_http_request_t *r,
 static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, u_char *p, size_t len, ngx_chain_t ***last);
 static ngx_uint_t ngx_http_tb_usage_chunk(u_char *p, size_t len);
+static ngx_uint_t ngx_http_tb_lines(u_char *p, u_char *end);
+static ngx_int_t ngx_http_tb_event_lines(ngx_http_request_t *r, u_char *p,
+    size_t len, ngx_chain_t ***last);
 static ngx_int_t ngx_http_tb_append(ngx_pool_t *pool, ngx_str_t *to,
     size_t *size, ngx_str_t *s);
 static ngx_int_t ngx_http_tb_ending(ngx_http_request_t *r,
@@ -1664,6 +1667,7 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
     u_char              *q, *data, *end, *d, *cut, *cut_end;
     size_t               dlen;
     uint64_t             prompt, output;
+    ngx_int_t            rc;
     ngx_str_t            err;
     ngx_buf_t           *b;
     ngx_chain_t         *cl;
@@ -1699,6 +1703,11 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
              * event that is not rewritten goes as it is
              */
 
+            if (ctx->strip && ngx_http_tb_lines(q, end) > 1) {
+                rc = ngx_http_tb_event_lines(r, p, len, last);
+                goto written;
+            }
+
             if (ctx->stream_id.len
                 && ctx->format != NGX_HTTP_TB_FORMAT_ANTHROPIC
                 && !(ctx->format == NGX_HTTP_TB_FORMAT_RESPONSES
@@ -1709,16 +1718,16 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
                 }
 
                 /*
-                 * keys are found in the text, of all the event's data
-                 * lines: a quoted key cannot occur inside a JSON string,
-                 * where quotes are escaped
+                 * keys are found in the text of the event's data: a quoted
+                 * key cannot occur inside a JSON string, where quotes are
+                 * escaped
                  */
 
-                if (ngx_http_tb_usage_chunk(data, end - data)) {
+                if (ngx_http_tb_usage_chunk(data, dlen)) {
                     return NGX_OK;
                 }
 
-                cut = ngx_http_tb_null_usage(data, end - data, &cut_end);
+                cut = ngx_http_tb_null_usage(data, dlen, &cut_end);
                 break;
             }
 
@@ -1844,6 +1853,14 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
     **last = cl;
     *last = &cl->next;
 
+    rc = NGX_OK;
+
+written:
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
     /* the output so far, against where the stream is to be cut */
 
     if (ctx->cut_at == 0) {
@@ -1873,6 +1890,149 @@ ngx_http_tb_event(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx, u_char *p,
                   "token budget: stream cut after %uL output tokens", output);
 
     return NGX_DONE;
+}
+
+
+/* the data lines of an event from its first one */
+
+static ngx_uint_t
+ngx_http_tb_lines(u_char *p, u_char *end)
+{
+    u_char      *d;
+    ngx_uint_t   n;
+
+    for (n = 0; p < end; p = d + 1) {
+        for (d = p; d < end && *d != '\n' && *d != '\r'; d++) {
+            /* void */
+        }
+
+        if (d - p >= 5 && ngx_strncmp(p, "data:", 5) == 0) {
+            n++;
+        }
+    }
+
+    return n;
+}
+
+
+/*
+ * an event whose data is spread over several lines: the data is joined as
+ * a client joins it, the usage taken out of it, and the event written
+ * again with the same lines, the data where its first line was
+ */
+
+static ngx_int_t
+ngx_http_tb_event_lines(ngx_http_request_t *r, u_char *p, size_t len,
+    ngx_chain_t ***last)
+{
+    u_char       *q, *d, *end, *data, *dp, *cut, *cut_end, *o;
+    size_t        n;
+    ngx_buf_t    *b;
+    ngx_uint_t    first;
+    ngx_chain_t  *cl;
+
+    end = p + len;
+
+    data = ngx_pnalloc(r->pool, len);
+    b = ngx_create_temp_buf(r->pool, 2 * len + 16);
+
+    if (data == NULL || b == NULL) {
+        return NGX_ERROR;
+    }
+
+    dp = data;
+    first = 1;
+
+    for (q = p; q < end; q = d + 1) {
+        for (d = q; d < end && *d != '\n' && *d != '\r'; d++) {
+            /* void */
+        }
+
+        if (d - q >= 5 && ngx_strncmp(q, "data:", 5) == 0) {
+            o = q + 5;
+
+            if (o < d && *o == ' ') {
+                o++;
+            }
+
+            if (dp > data) {
+                *dp++ = '\n';
+            }
+
+            dp = ngx_cpymem(dp, o, d - o);
+        }
+
+        if (d < end && *d == '\r' && d + 1 < end && d[1] == '\n') {
+            d++;
+        }
+    }
+
+    n = dp - data;
+
+    if (ngx_http_tb_usage_chunk(data, n)) {
+        return NGX_OK;
+    }
+
+    cut = ngx_http_tb_null_usage(data, n, &cut_end);
+
+    if (cut) {
+        ngx_memmove(cut, cut_end, data + n - cut_end);
+        n -= cut_end - cut;
+    }
+
+    /* the other lines as they were, the data at the first data line */
+
+    for (q = p; q < end; q = d + 1) {
+        for (d = q; d < end && *d != '\n' && *d != '\r'; d++) {
+            /* void */
+        }
+
+        if (d == q) {
+            continue;
+        }
+
+        if (d - q >= 5 && ngx_strncmp(q, "data:", 5) == 0) {
+
+            if (first) {
+                first = 0;
+
+                for (o = data; o <= data + n; o = dp + 1) {
+                    dp = ngx_strlchr(o, data + n, '\n');
+
+                    if (dp == NULL) {
+                        dp = data + n;
+                    }
+
+                    b->last = ngx_http_tb_literal(b->last, "data: ");
+                    b->last = ngx_cpymem(b->last, o, dp - o);
+                    *b->last++ = '\n';
+                }
+            }
+
+        } else {
+            b->last = ngx_cpymem(b->last, q, d - q);
+            *b->last++ = '\n';
+        }
+
+        if (d < end && *d == '\r' && d + 1 < end && d[1] == '\n') {
+            d++;
+        }
+    }
+
+    *b->last++ = '\n';
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    **last = cl;
+    *last = &cl->next;
+
+    return NGX_OK;
 }
 
 

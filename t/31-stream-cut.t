@@ -728,13 +728,7 @@ for my $d (qw(chat completions)) {
         $_->{created} = 0;
     }
 
-    TODO: {
-        local $TODO = 'the event rewriting reads only the first data line '
-            . 'of an event: a usage chunk or "usage":null split over two '
-            . 'data lines reaches the client';
-
-        is_deeply(\@got, \@expected, "$d, multiline, the same events");
-    }
+    is_deeply(\@got, \@expected, "$d, multiline, the same events");
 
     is_deeply(key('user', $user), [366, 0, 0], "$d, multiline, settled");
 }
