@@ -39,6 +39,8 @@ static ngx_int_t ngx_http_tb_message(ngx_http_tb_count_t *c,
     ngx_http_tb_json_t *m, uint64_t *n);
 static ngx_int_t ngx_http_tb_content(ngx_http_tb_count_t *c,
     ngx_http_tb_json_t *v, uint64_t *n);
+static ngx_int_t ngx_http_tb_tools_field(ngx_http_tb_count_t *c,
+    const char *name, uint64_t *n);
 static ngx_int_t ngx_http_tb_tools(ngx_http_tb_count_t *c,
     ngx_http_tb_json_t *tools, uint64_t *n);
 static ngx_int_t ngx_http_tb_function(ngx_http_tb_count_t *c,
@@ -407,22 +409,14 @@ ngx_http_tb_chat(ngx_http_tb_count_t *c)
 
     n += 3;
 
-    v = ngx_http_tb_json_get(c->root, "tools");
-
-    if (v != NULL && v->type != NGX_HTTP_TB_JSON_NULL) {
-        rc = ngx_http_tb_tools(c, v, &n);
-        if (rc != NGX_OK) {
-            return rc;
-        }
+    rc = ngx_http_tb_tools_field(c, "tools", &n);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
-    v = ngx_http_tb_json_get(c->root, "functions");
-
-    if (v != NULL && v->type != NGX_HTTP_TB_JSON_NULL) {
-        rc = ngx_http_tb_tools(c, v, &n);
-        if (rc != NGX_OK) {
-            return rc;
-        }
+    rc = ngx_http_tb_tools_field(c, "functions", &n);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
     /* a structured output schema is part of the prompt */
@@ -550,6 +544,24 @@ ngx_http_tb_content(ngx_http_tb_count_t *c, ngx_http_tb_json_t *v,
     }
 
     return NGX_OK;
+}
+
+
+/* the tool definitions under "name", when there are */
+
+static ngx_int_t
+ngx_http_tb_tools_field(ngx_http_tb_count_t *c, const char *name,
+    uint64_t *n)
+{
+    ngx_http_tb_json_t  *v;
+
+    v = ngx_http_tb_json_get(c->root, name);
+
+    if (v == NULL || v->type == NGX_HTTP_TB_JSON_NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_tb_tools(c, v, n);
 }
 
 
@@ -975,13 +987,9 @@ ngx_http_tb_responses(ngx_http_tb_count_t *c)
 
     n += 3;
 
-    v = ngx_http_tb_json_get(c->root, "tools");
-
-    if (v != NULL && v->type != NGX_HTTP_TB_JSON_NULL) {
-        rc = ngx_http_tb_tools(c, v, &n);
-        if (rc != NGX_OK) {
-            return rc;
-        }
+    rc = ngx_http_tb_tools_field(c, "tools", &n);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
     v = ngx_http_tb_json_get(c->root, "text");
