@@ -39,6 +39,7 @@ typedef struct {
     ngx_uint_t                   full_status;
     ngx_uint_t                   stream_cut;
     ngx_flag_t                   count_cache;
+    ngx_uint_t                   uncounted;  /* 1: pass, 0: reject */
 } ngx_http_tb_loc_conf_t;
 
 
@@ -188,6 +189,13 @@ static ngx_conf_enum_t  ngx_http_tb_cuts[] = {
 };
 
 
+static ngx_conf_enum_t  ngx_http_tb_uncounted[] = {
+    { ngx_string("reject"), 0 },
+    { ngx_string("pass"), 1 },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_conf_num_bounds_t  ngx_http_tb_status_bounds = {
     ngx_conf_check_num_bounds, 400, 599
 };
@@ -236,6 +244,13 @@ static ngx_command_t  ngx_http_tb_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_tb_loc_conf_t, stream_cut),
       &ngx_http_tb_cuts },
+
+    { ngx_string("token_budget_uncounted"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_tb_loc_conf_t, uncounted),
+      &ngx_http_tb_uncounted },
 
     { ngx_string("token_budget_count_cache"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
@@ -480,6 +495,36 @@ ngx_http_tb_handler(ngx_http_request_t *r)
 
     if (!tlcf->enable) {
         return NGX_DECLINED;
+    }
+
+    if (r->method == NGX_HTTP_POST && tlcf->uncounted == 0
+        && ngx_http_tb_format(r, tlcf) == NGX_HTTP_TB_FORMAT_AUTO)
+    {
+        /* a POST to an API whose tokens would not be counted */
+
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_tb_ctx_t));
+        if (ctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->model_index = -1;
+        ctx->request = r;
+        ctx->done = 1;
+        ctx->decision = NGX_HTTP_TB_REJECTED;
+        ngx_str_set(&ctx->reason, "uncounted_api");
+        ngx_http_tb_fail(ctx, NGX_HTTP_FORBIDDEN, "uncounted_api",
+                         "this API is not counted by the token budget");
+        ngx_http_set_ctx(r, ctx, ngx_http_token_budget_module);
+
+        rc = ngx_http_discard_request_body(r);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        rc = ngx_http_tb_send_error(r, ctx);
+        ngx_http_finalize_request(r, rc);
+        return NGX_DONE;
     }
 
     if (r->method != NGX_HTTP_POST
@@ -2977,6 +3022,7 @@ ngx_http_tb_create_loc_conf(ngx_conf_t *cf)
     conf->full_status = NGX_CONF_UNSET_UINT;
     conf->stream_cut = NGX_CONF_UNSET_UINT;
     conf->count_cache = NGX_CONF_UNSET;
+    conf->uncounted = NGX_CONF_UNSET_UINT;
 
     return conf;
 }
@@ -3022,6 +3068,7 @@ ngx_http_tb_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_uint_value(conf->stream_cut, prev->stream_cut,
                               NGX_HTTP_TB_CUT_OFF);
     ngx_conf_merge_value(conf->count_cache, prev->count_cache, 1);
+    ngx_conf_merge_uint_value(conf->uncounted, prev->uncounted, 1);
 
     if (conf->limits == NULL) {
         conf->limits = prev->limits;
