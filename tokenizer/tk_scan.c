@@ -40,6 +40,8 @@ static tk_ptr_t tk_skip_slow(tk_ptr_t p, tk_ptr_t end, unsigned in,
     unsigned out);
 static tk_ptr_t tk_digits(tk_ptr_t p, tk_ptr_t end, int max);
 static tk_ptr_t tk_space(tk_ptr_t p, tk_ptr_t end, int newlines);
+static tk_ptr_t tk_punct_piece(uint32_t c, unsigned cl, tk_ptr_t q,
+    tk_ptr_t end, int slash);
 static tk_ptr_t tk_scan_r50k(tk_ptr_t p, tk_ptr_t end);
 static tk_ptr_t tk_scan_cl100k(tk_ptr_t p, tk_ptr_t end);
 static tk_ptr_t tk_scan_o200k(tk_ptr_t p, tk_ptr_t end);
@@ -328,6 +330,40 @@ tk_space(tk_ptr_t start, tk_ptr_t end, int newlines)
 }
 
 
+/*
+ * " ?[^\s\p{L}\p{N}]+" and the line ends after it, "/" too when "slash",
+ * for the character c of class cl before q; NULL when it does not match
+ */
+
+static tk_ptr_t
+tk_punct_piece(uint32_t c, unsigned cl, tk_ptr_t q, tk_ptr_t end, int slash)
+{
+    tk_ptr_t  r;
+
+    if (c == ' ' && q < end) {
+        r = q;
+
+        if (tk_class(tk_utf8_next(&r, end)) & (TK_U_WS|TK_U_L|TK_U_N)) {
+            return NULL;
+        }
+
+    } else if ((cl & TK_U_WS) == 0) {
+        r = q;
+
+    } else {
+        return NULL;
+    }
+
+    r = tk_punct(r, end);
+
+    while (r < end && (*r == '\r' || *r == '\n' || (slash && *r == '/'))) {
+        r++;
+    }
+
+    return r;
+}
+
+
 static tk_ptr_t
 tk_scan_r50k(tk_ptr_t p, tk_ptr_t end)
 {
@@ -413,27 +449,8 @@ tk_scan_cl100k(tk_ptr_t p, tk_ptr_t end)
 
     /*  ?[^\s\p{L}\p{N}]+[\r\n]* */
 
-    r = NULL;
-
-    if (c == ' ' && q < end) {
-        r = q;
-        cl1 = tk_class(tk_utf8_next(&r, end));
-
-        if (cl1 & (TK_U_WS|TK_U_L|TK_U_N)) {
-            r = NULL;
-        }
-
-    } else if ((cl & TK_U_WS) == 0) {
-        r = q;
-    }
-
+    r = tk_punct_piece(c, cl, q, end, 0);
     if (r != NULL) {
-        r = tk_punct(r, end);
-
-        while (r < end && (*r == '\r' || *r == '\n')) {
-            r++;
-        }
-
         return r;
     }
 
@@ -444,7 +461,7 @@ tk_scan_cl100k(tk_ptr_t p, tk_ptr_t end)
 static tk_ptr_t
 tk_scan_o200k(tk_ptr_t p, tk_ptr_t end)
 {
-    unsigned  cl, cl1;
+    unsigned  cl;
     uint32_t  c;
     tk_ptr_t  q, r;
 
@@ -505,27 +522,8 @@ tk_scan_o200k(tk_ptr_t p, tk_ptr_t end)
 
     /*  ?[^\s\p{L}\p{N}]+[\r\n/]* */
 
-    r = NULL;
-
-    if (c == ' ' && q < end) {
-        r = q;
-        cl1 = tk_class(tk_utf8_next(&r, end));
-
-        if (cl1 & (TK_U_WS|TK_U_L|TK_U_N)) {
-            r = NULL;
-        }
-
-    } else if ((cl & TK_U_WS) == 0) {
-        r = q;
-    }
-
+    r = tk_punct_piece(c, cl, q, end, 1);
     if (r != NULL) {
-        r = tk_punct(r, end);
-
-        while (r < end && (*r == '\r' || *r == '\n' || *r == '/')) {
-            r++;
-        }
-
         return r;
     }
 
