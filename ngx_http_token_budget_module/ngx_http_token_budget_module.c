@@ -62,6 +62,11 @@ typedef struct {
     ngx_uint_t                   nres;
     ngx_http_tb_reservation_t    res[NGX_HTTP_TB_MAX_LIMITS];
     ngx_http_tb_refusal_t        refusal;
+    ngx_http_tb_json_t          *root;
+    ngx_uint_t                   count_format;
+    ngx_uint_t                   waiting;   /* replies due from Redis */
+    ngx_uint_t                   over;      /* limits of a dry run */
+    ngx_event_t                  wait;
     time_t                       retry_after;
     ngx_uint_t                   reading_usage;
     ngx_uint_t                   settled;
@@ -112,10 +117,21 @@ static ngx_int_t ngx_http_tb_send_error(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx);
 static u_char *ngx_http_tb_escape(u_char *p, ngx_str_t *s);
 
+static void ngx_http_tb_decided(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx);
+static void ngx_http_tb_over(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx);
+static void ngx_http_tb_limited(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_int_t rc);
+static void ngx_http_tb_forward(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx);
+static void ngx_http_tb_internal(ngx_http_tb_ctx_t *ctx);
+static void ngx_http_tb_limit_reply(ngx_http_tb_reservation_t *res);
+static void ngx_http_tb_limit_timeout(ngx_event_t *ev);
+static void ngx_http_tb_limit_resume(ngx_http_tb_ctx_t *ctx);
+static ngx_int_t ngx_http_tb_limit_result(ngx_http_request_t *r,
+    ngx_http_tb_ctx_t *ctx, ngx_int_t rc, ngx_uint_t dry_run);
 static ngx_int_t ngx_http_tb_limit(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, ngx_uint_t dry_run);
 static ngx_int_t ngx_http_tb_inject_usage(ngx_http_request_t *r,
-    ngx_http_tb_ctx_t *ctx, ngx_http_tb_count_t *c);
+    ngx_http_tb_ctx_t *ctx);
 static ngx_int_t ngx_http_tb_rewrite(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx, ngx_chain_t *in);
 static ngx_int_t ngx_http_tb_event(ngx_http_request_t *r,
@@ -163,6 +179,8 @@ static ngx_int_t ngx_http_tb_metrics_init(ngx_shm_zone_t *shm_zone,
 static void ngx_http_tb_metrics_decision(ngx_http_request_t *r,
     ngx_http_tb_ctx_t *ctx);
 static ngx_int_t ngx_http_tb_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_tb_init_process(ngx_cycle_t *cycle);
+static void ngx_http_tb_exit_process(ngx_cycle_t *cycle);
 
 
 static ngx_conf_enum_t  ngx_http_tb_formats[] = {
@@ -369,10 +387,10 @@ ngx_module_t  ngx_http_token_budget_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_tb_init_process,              /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_tb_exit_process,              /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -582,6 +600,18 @@ ngx_http_tb_body_handler(ngx_http_request_t *r)
 
     ngx_http_tb_decide(r, ctx);
 
+    if (ctx->waiting) {
+        /* for Redis: ngx_http_tb_limit_resume() goes on */
+        return;
+    }
+
+    ngx_http_tb_decided(r, ctx);
+}
+
+
+static void
+ngx_http_tb_decided(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
+{
     ctx->done = 1;
 
     ngx_http_tb_metrics_decision(r, ctx);
@@ -629,7 +659,18 @@ ngx_http_tb_get_ctx(ngx_http_request_t *r)
 static void
 ngx_http_tb_cleanup(void *data)
 {
-    ngx_http_tb_settle(data);
+    ngx_http_tb_ctx_t  *ctx = data;
+
+    if (ctx->waiting) {
+        ngx_http_tb_zone_detach(ctx->res, ctx->nres);
+        ctx->waiting = 0;
+    }
+
+    if (ctx->wait.timer_set) {
+        ngx_del_timer(&ctx->wait);
+    }
+
+    ngx_http_tb_settle(ctx);
 }
 
 
@@ -943,63 +984,25 @@ ngx_http_tb_decide(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
     ctx->decision = NGX_HTTP_TB_PASSED;
 
     if (tlcf->limits) {
+        ctx->root = c.root;
+        ctx->count_format = c.format;
+
         rc = ngx_http_tb_limit(r, ctx, tlcf->dry_run);
 
-        if (rc == NGX_ERROR) {
-            goto internal;
+        if (rc == NGX_AGAIN) {
+            return;
         }
 
-        if (rc == NGX_DECLINED) {
-            goto over;
-        }
-
-        if (ctx->nres && ngx_http_tb_inject_usage(r, ctx, &c) != NGX_OK) {
-            goto internal;
-        }
+        ngx_http_tb_limited(r, ctx, rc);
+        return;
     }
 
-    goto forward;
+    ngx_http_tb_forward(r, ctx);
+    return;
 
 over:
 
-    if (tlcf->dry_run) {
-        ctx->decision = NGX_HTTP_TB_REJECTED_DRY_RUN;
-
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "token budget: dry run, would reject: %V",
-                      &ctx->error.message);
-
-        if (tlcf->limits && !ctx->limited
-            && ngx_http_tb_limit(r, ctx, 1) != NGX_OK)
-        {
-            goto internal;
-        }
-
-        goto forward;
-    }
-
-    ctx->decision = NGX_HTTP_TB_REJECTED;
-    ctx->rc = ctx->error.status;
-
-    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                  "token budget: rejected: %V", &ctx->error.message);
-    return;
-
-forward:
-
-    if (tlcf->header.len) {
-        value.data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
-        if (value.data == NULL) {
-            goto internal;
-        }
-
-        value.len = ngx_sprintf(value.data, "%uL", ctx->prompt) - value.data;
-
-        if (ngx_http_tb_set_header(r, &tlcf->header, &value) != NGX_OK) {
-            goto internal;
-        }
-    }
-
+    ngx_http_tb_over(r, ctx);
     return;
 
 reject:
@@ -1032,11 +1035,119 @@ reject:
 
 internal:
 
+    ngx_http_tb_internal(ctx);
+}
+
+
+static void
+ngx_http_tb_internal(ngx_http_tb_ctx_t *ctx)
+{
     ngx_http_tb_fail(ctx, NGX_HTTP_INTERNAL_SERVER_ERROR, "internal_error",
                      "the token budget could not be checked");
     ngx_str_set(&ctx->reason, "internal_error");
     ctx->decision = NGX_HTTP_TB_ERROR;
     ctx->rc = ctx->error.status;
+}
+
+
+/* what the limits decided, once they have */
+
+static void
+ngx_http_tb_limited(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_int_t rc)
+{
+    if (rc == NGX_ERROR) {
+        ngx_http_tb_internal(ctx);
+        return;
+    }
+
+    if (ctx->over) {
+        /* a dry run's limits, after it was over already */
+        ngx_http_tb_forward(r, ctx);
+        return;
+    }
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_tb_over(r, ctx);
+        return;
+    }
+
+    if (ctx->nres && ngx_http_tb_inject_usage(r, ctx) != NGX_OK) {
+        ngx_http_tb_internal(ctx);
+        return;
+    }
+
+    ngx_http_tb_forward(r, ctx);
+}
+
+
+/* over a limit: refused, or forwarded by a dry run */
+
+static void
+ngx_http_tb_over(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
+{
+    ngx_int_t                rc;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    if (tlcf->dry_run) {
+        ctx->decision = NGX_HTTP_TB_REJECTED_DRY_RUN;
+
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "token budget: dry run, would reject: %V",
+                      &ctx->error.message);
+
+        if (tlcf->limits && !ctx->limited) {
+            ctx->over = 1;
+
+            rc = ngx_http_tb_limit(r, ctx, 1);
+
+            if (rc == NGX_AGAIN) {
+                return;
+            }
+
+            ngx_http_tb_limited(r, ctx, rc);
+            return;
+        }
+
+        ngx_http_tb_forward(r, ctx);
+        return;
+    }
+
+    ctx->decision = NGX_HTTP_TB_REJECTED;
+    ctx->rc = ctx->error.status;
+
+    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                  "token budget: rejected: %V", &ctx->error.message);
+}
+
+
+/* forwarded: with the count in the header, if configured */
+
+static void
+ngx_http_tb_forward(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
+{
+    ngx_str_t                value;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    if (tlcf->header.len == 0) {
+        return;
+    }
+
+    value.data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+    if (value.data == NULL) {
+        ngx_http_tb_internal(ctx);
+        return;
+    }
+
+    value.len = ngx_sprintf(value.data, "%uL", ctx->prompt) - value.data;
+
+    if (ngx_http_tb_set_header(r, &tlcf->header, &value) != NGX_OK) {
+        ngx_http_tb_internal(ctx);
+    }
 }
 
 
@@ -1046,8 +1157,124 @@ static ngx_int_t
 ngx_http_tb_limit(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
     ngx_uint_t dry_run)
 {
-    u_char                  *p;
     ngx_int_t                rc;
+    ngx_uint_t               i;
+    ngx_msec_t               timeout;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    ctx->limited = 1;
+
+    rc = ngx_http_tb_zone_reserve(r, tlcf->limits, ctx->prompt, ctx->output,
+                                  ctx->res, &ctx->nres, &ctx->refusal);
+
+    if (rc != NGX_AGAIN) {
+        return ngx_http_tb_limit_result(r, ctx, rc, dry_run);
+    }
+
+    /* reservations in Redis: the request waits, "timeout" at most */
+
+    timeout = 0;
+
+    for (i = 0; i < ctx->nres; i++) {
+        ctx->res[i].done = ngx_http_tb_limit_reply;
+        ctx->res[i].data = ctx;
+
+        if (ctx->res[i].state == NGX_HTTP_TB_RES_WAIT) {
+            timeout = ngx_max(timeout, ctx->res[i].zone->timeout);
+        }
+    }
+
+    if (ngx_http_tb_zone_remote(r, ctx->res, ctx->nres) == NGX_AGAIN) {
+
+        for (i = 0; i < ctx->nres; i++) {
+            if (ctx->res[i].cmd) {
+                ctx->waiting++;
+            }
+        }
+
+        ctx->wait.handler = ngx_http_tb_limit_timeout;
+        ctx->wait.data = ctx;
+        ctx->wait.log = r->connection->log;
+
+        ngx_add_timer(&ctx->wait, timeout);
+
+        return NGX_AGAIN;
+    }
+
+    rc = ngx_http_tb_zone_conclude(r, ctx->res, &ctx->nres, &ctx->refusal);
+
+    return ngx_http_tb_limit_result(r, ctx, rc, dry_run);
+}
+
+
+static void
+ngx_http_tb_limit_reply(ngx_http_tb_reservation_t *res)
+{
+    ngx_http_tb_ctx_t  *ctx;
+
+    ctx = res->data;
+
+    if (--ctx->waiting) {
+        return;
+    }
+
+    if (ctx->wait.timer_set) {
+        ngx_del_timer(&ctx->wait);
+    }
+
+    ngx_http_tb_limit_resume(ctx);
+}
+
+
+static void
+ngx_http_tb_limit_timeout(ngx_event_t *ev)
+{
+    ngx_http_tb_ctx_t  *ctx;
+
+    ctx = ev->data;
+
+    ngx_log_error(NGX_LOG_WARN, ev->log, 0,
+                  "token budget: redis did not answer in time, "
+                  "the zones' fail= decides");
+
+    ngx_http_tb_zone_detach(ctx->res, ctx->nres);
+    ctx->waiting = 0;
+
+    ngx_http_tb_limit_resume(ctx);
+}
+
+
+static void
+ngx_http_tb_limit_resume(ngx_http_tb_ctx_t *ctx)
+{
+    ngx_int_t                rc;
+    ngx_connection_t        *c;
+    ngx_http_request_t      *r;
+    ngx_http_tb_loc_conf_t  *tlcf;
+
+    r = ctx->request;
+    c = r->connection;
+
+    tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
+
+    rc = ngx_http_tb_zone_conclude(r, ctx->res, &ctx->nres, &ctx->refusal);
+    rc = ngx_http_tb_limit_result(r, ctx, rc, ctx->over || tlcf->dry_run);
+
+    ngx_http_tb_limited(r, ctx, rc);
+
+    ngx_http_tb_decided(r, ctx);
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+static ngx_int_t
+ngx_http_tb_limit_result(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
+    ngx_int_t rc, ngx_uint_t dry_run)
+{
+    u_char                  *p;
     ngx_str_t                name, value;
     ngx_http_tb_zone_t      *zone;
     ngx_http_tb_refusal_t   *rf;
@@ -1055,11 +1282,7 @@ ngx_http_tb_limit(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
     tlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_budget_module);
 
-    ctx->limited = 1;
     rf = &ctx->refusal;
-
-    rc = ngx_http_tb_zone_reserve(r, tlcf->limits, ctx->prompt, ctx->output,
-                                  ctx->res, &ctx->nres, rf);
 
     if (rc == NGX_ERROR) {
         return NGX_ERROR;
@@ -1102,6 +1325,18 @@ ngx_http_tb_limit(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
         ctx->error.message.len = ngx_snprintf(p, 512,
             "token_budget_zone \"%V\" has no room for this key now",
             &zone->shm_zone->shm.name) - p;
+
+    } else if (rf->unavailable) {
+        ctx->error.status = NGX_HTTP_SERVICE_UNAVAILABLE;
+        ngx_str_set(&ctx->reason, "redis_unavailable");
+        ngx_str_set(&ctx->error.code, "budget_unavailable");
+
+        ctx->error.message.len = ngx_snprintf(p, 512,
+            "token_budget_zone \"%V\" cannot check the budget now: "
+            "its redis does not answer", &zone->shm_zone->shm.name) - p;
+
+        ctx->retry_after = 1;
+        rf->retry = 1;
 
     } else {
         ctx->error.status = NGX_HTTP_TOO_MANY_REQUESTS;
@@ -1276,7 +1511,9 @@ ngx_http_tb_header_filter(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
-    if (ctx->retry_after && r->headers_out.status == NGX_HTTP_TOO_MANY_REQUESTS
+    if (ctx->retry_after
+        && (r->headers_out.status == NGX_HTTP_TOO_MANY_REQUESTS
+            || r->headers_out.status == NGX_HTTP_SERVICE_UNAVAILABLE)
         && r->upstream == NULL)
     {
         value.data = p + value.len;
@@ -1443,25 +1680,24 @@ ngx_http_tb_add_header(ngx_http_request_t *r, const char *name,
  */
 
 static ngx_int_t
-ngx_http_tb_inject_usage(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
-    ngx_http_tb_count_t *c)
+ngx_http_tb_inject_usage(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx)
 {
     ngx_str_t            body;
     ngx_http_tb_json_t  *stream, *opts, *inc, *v, *last;
 
-    if (c->format != NGX_HTTP_TB_FORMAT_CHAT
-        && c->format != NGX_HTTP_TB_FORMAT_COMPLETIONS)
+    if (ctx->count_format != NGX_HTTP_TB_FORMAT_CHAT
+        && ctx->count_format != NGX_HTTP_TB_FORMAT_COMPLETIONS)
     {
         return NGX_OK;
     }
 
-    stream = ngx_http_tb_json_get(c->root, "stream");
+    stream = ngx_http_tb_json_get(ctx->root, "stream");
 
     if (stream == NULL || stream->type != NGX_HTTP_TB_JSON_TRUE) {
         return NGX_OK;
     }
 
-    opts = ngx_http_tb_json_get(c->root, "stream_options");
+    opts = ngx_http_tb_json_get(ctx->root, "stream_options");
     inc = ngx_http_tb_json_get(opts, "include_usage");
 
     if (inc && inc->type == NGX_HTTP_TB_JSON_TRUE) {
@@ -1491,12 +1727,12 @@ ngx_http_tb_inject_usage(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
             ngx_str_set(&opts->key, "stream_options");
 
-            for (last = c->root->first; last->next; last = last->next) {
+            for (last = ctx->root->first; last->next; last = last->next) {
                 /* void */
             }
 
             last->next = opts;
-            c->root->n++;
+            ctx->root->n++;
         }
 
         opts->type = NGX_HTTP_TB_JSON_OBJECT;
@@ -1517,7 +1753,7 @@ ngx_http_tb_inject_usage(ngx_http_request_t *r, ngx_http_tb_ctx_t *ctx,
 
     inc->type = NGX_HTTP_TB_JSON_TRUE;
 
-    if (ngx_http_tb_json_print(r->pool, c->root, &body) != NGX_OK
+    if (ngx_http_tb_json_print(r->pool, ctx->root, &body) != NGX_OK
         || ngx_http_tb_replace_body(r, &body) != NGX_OK)
     {
         return NGX_ERROR;
@@ -2983,6 +3219,9 @@ ngx_http_tb_create_main_conf(ngx_conf_t *cf)
            != NGX_OK
         || ngx_array_init(&tmcf->zones, cf->pool, 4,
                           sizeof(ngx_http_tb_zone_t *))
+           != NGX_OK
+        || ngx_array_init(&tmcf->redis, cf->pool, 1,
+                          sizeof(ngx_http_tb_redis_t *))
            != NGX_OK)
     {
         return NULL;
@@ -3294,7 +3533,8 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     off_t                              tokens;
     ssize_t                            size;
     time_t                             per;
-    ngx_str_t                         *value, name, s;
+    ngx_int_t                          n, db;
+    ngx_str_t                         *value, name, s, redis, password;
     ngx_uint_t                         i, count;
     ngx_shm_zone_t                    *shm_zone;
     ngx_http_tb_zone_t                *zone, **zp;
@@ -3322,6 +3562,16 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     per = 0;
     count = NGX_HTTP_TB_COUNT_TOTAL;
     ngx_str_null(&name);
+    ngx_str_null(&redis);
+    ngx_str_null(&password);
+    db = 0;
+
+    zone->mode = NGX_CONF_UNSET_UINT;
+    zone->fail = NGX_HTTP_TB_FAIL_LOCAL;
+    zone->share = 100;
+    zone->timeout = 100;
+    zone->sync = NGX_CONF_UNSET_MSEC;
+    zone->hold = 600000;
 
     for (i = 2; i < cf->args->nelts; i++) {
 
@@ -3398,7 +3648,142 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        /* budgets shared through Redis */
+
+        if (ngx_strncmp(value[i].data, "redis=", 6) == 0) {
+            redis.data = value[i].data + 6;
+            redis.len = value[i].len - 6;
+
+            if (redis.len == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_password=", 15) == 0) {
+            password.data = value[i].data + 15;
+            password.len = value[i].len - 15;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_db=", 9) == 0) {
+            db = ngx_atoi(value[i].data + 9, value[i].len - 9);
+
+            if (db == NGX_ERROR) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "mode=strict") == 0) {
+            zone->mode = NGX_HTTP_TB_REDIS_STRICT;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "mode=batched") == 0) {
+            zone->mode = NGX_HTTP_TB_REDIS_BATCHED;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "fail=local") == 0) {
+            zone->fail = NGX_HTTP_TB_FAIL_LOCAL;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "fail=open") == 0) {
+            zone->fail = NGX_HTTP_TB_FAIL_OPEN;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "fail=closed") == 0) {
+            zone->fail = NGX_HTTP_TB_FAIL_CLOSED;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "share=", 6) == 0) {
+            s.data = value[i].data + 6;
+            s.len = value[i].len - 6;
+
+            if (s.len && s.data[s.len - 1] == '%') {
+                s.len--;
+            }
+
+            n = ngx_atoi(s.data, s.len);
+
+            if (n == NGX_ERROR || n < 1 || n > 100) {
+                goto invalid;
+            }
+
+            zone->share = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "timeout=", 8) == 0
+            || ngx_strncmp(value[i].data, "sync=", 5) == 0
+            || ngx_strncmp(value[i].data, "hold=", 5) == 0)
+        {
+            p = (u_char *) ngx_strchr(value[i].data, '=') + 1;
+
+            s.data = p;
+            s.len = value[i].data + value[i].len - p;
+
+            n = ngx_parse_time(&s, 0);
+
+            if (n == NGX_ERROR || n < 1) {
+                goto invalid;
+            }
+
+            if (value[i].data[0] == 't') {
+                zone->timeout = n;
+
+            } else if (value[i].data[0] == 's') {
+                zone->sync = n;
+
+            } else {
+                zone->hold = n;
+            }
+
+            continue;
+        }
+
         goto invalid;
+    }
+
+    if (redis.len) {
+        if (zone->mode == NGX_CONF_UNSET_UINT) {
+            zone->mode = NGX_HTTP_TB_REDIS_STRICT;
+        }
+
+        if (zone->sync == NGX_CONF_UNSET_MSEC) {
+            zone->sync = (zone->mode == NGX_HTTP_TB_REDIS_BATCHED) ? 100
+                                                                   : 1000;
+        }
+
+        zone->redis = ngx_http_tb_redis_add(cf, &tmcf->redis, &redis,
+                                            &password, db);
+        if (zone->redis == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        if (zone->redis->timeout == NGX_CONF_UNSET_MSEC
+            || zone->timeout < zone->redis->timeout)
+        {
+            zone->redis->timeout = zone->timeout;
+        }
+
+    } else if (zone->mode != NGX_CONF_UNSET_UINT
+               || password.len || db
+               || zone->sync != NGX_CONF_UNSET_MSEC)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"mode\", \"sync\", \"redis_password\" and "
+                           "\"redis_db\" need the \"redis\" parameter");
+        return NGX_CONF_ERROR;
+
+    } else {
+        zone->mode = NGX_HTTP_TB_REDIS_NONE;
     }
 
     if (name.len == 0) {
@@ -3743,6 +4128,70 @@ ngx_http_tb_metrics_init(ngx_shm_zone_t *shm_zone, void *data)
 
 
 static ngx_int_t
+ngx_http_tb_init_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                 i;
+    ngx_http_tb_zone_t       **zones;
+    ngx_http_tb_redis_t      **redis;
+    ngx_http_tb_main_conf_t   *tmcf;
+
+    tmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_token_budget_module);
+
+    if (tmcf == NULL || tmcf->redis.nelts == 0) {
+        return NGX_OK;
+    }
+
+    redis = tmcf->redis.elts;
+
+    for (i = 0; i < tmcf->redis.nelts; i++) {
+        if (ngx_http_tb_redis_init_process(redis[i], cycle) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    zones = tmcf->zones.elts;
+
+    for (i = 0; i < tmcf->zones.nelts; i++) {
+        if (ngx_http_tb_zone_init_process(zones[i], cycle) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_tb_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                 i;
+    ngx_http_tb_zone_t       **zones;
+    ngx_http_tb_redis_t      **redis;
+    ngx_http_tb_main_conf_t   *tmcf;
+
+    tmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_token_budget_module);
+
+    if (tmcf == NULL || tmcf->redis.nelts == 0) {
+        return;
+    }
+
+    zones = tmcf->zones.elts;
+
+    for (i = 0; i < tmcf->zones.nelts; i++) {
+        ngx_http_tb_zone_exit_process(zones[i]);
+    }
+
+    redis = tmcf->redis.elts;
+
+    for (i = 0; i < tmcf->redis.nelts; i++) {
+        ngx_http_tb_redis_exit_process(redis[i]);
+    }
+}
+
+
+static ngx_int_t
 ngx_http_tb_init(ngx_conf_t *cf)
 {
     size_t                      size;
@@ -3762,6 +4211,10 @@ ngx_http_tb_init(ngx_conf_t *cf)
 
     tmcf = ngx_http_conf_get_module_main_conf(cf,
                                               ngx_http_token_budget_module);
+
+    if (tmcf->redis.nelts) {
+        ngx_http_tb_zone_scripts();
+    }
 
     if (tmcf->models.nelts) {
         ngx_str_set(&name, "token_budget_metrics");

@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs="build-essential clang libclang-rt-14-dev nginx nginx-dev \
     libyajl-dev zlib1g-dev libpcre2-dev libssl-dev perl libjson-pp-perl \
-    curl wrk redis-server"
+    curl wrk redis-server redis-tools"
 
 command -v node >/dev/null 2>&1 || pkgs="$pkgs nodejs"
 command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
