@@ -148,7 +148,7 @@ ngx_http_tb_api_zones(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
 
         n = ngx_http_tb_zone_top(zone, r->pool, top, NGX_HTTP_TB_API_TOP);
 
-        b = ngx_http_tb_api_buf(r, &last, 512 + 6 * zone->key.value.len);
+        b = ngx_http_tb_api_buf(r, &last, 1024 + 6 * zone->key.value.len);
         if (b == NULL) {
             return NGX_ERROR;
         }
@@ -172,6 +172,33 @@ ngx_http_tb_api_zones(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
                               zone->sh->keys, zone->sh->admitted,
                               zone->sh->rejected, zone->sh->full,
                               zone->sh->spent, zone->shpool->pfree);
+
+        if (zone->redis) {
+            b->last -= sizeof("\"top\":[") - 1;
+            b->last = ngx_sprintf(b->last,
+                                  "\"redis\":{\"address\":\"%V\","
+                                  "\"mode\":\"%s\",\"fail\":\"%s\","
+                                  "\"up\":%s,\"errors\":%uL,"
+                                  "\"fail_open\":%uL,\"fail_local\":%uL,"
+                                  "\"fail_closed\":%uL,"
+                                  "\"pending_tokens\":%L,"
+                                  "\"flushed_tokens\":%uL,\"syncs\":%uL},"
+                                  "\"top\":[",
+                                  &zone->redis->name,
+                                  zone->mode == NGX_HTTP_TB_REDIS_STRICT
+                                  ? "strict" : "batched",
+                                  zone->fail == NGX_HTTP_TB_FAIL_CLOSED
+                                  ? "closed"
+                                  : zone->fail == NGX_HTTP_TB_FAIL_OPEN
+                                  ? "open" : "local",
+                                  zone->redis->state == NGX_HTTP_TB_REDIS_UP
+                                  ? "true" : "false",
+                                  zone->sh->redis_errors
+                                  + zone->redis->errors,
+                                  zone->sh->fail_open, zone->sh->fail_local,
+                                  zone->sh->fail_closed, zone->sh->pending,
+                                  zone->sh->flushed, zone->sh->syncs);
+        }
 
         for (k = 0; k < n; k++) {
             b = ngx_http_tb_api_buf(r, &last, 64 + 6 * top[k].key.len);
@@ -318,7 +345,7 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
 {
     ngx_buf_t              *b;
     ngx_str_t              *name;
-    ngx_uint_t              i, k;
+    ngx_uint_t              i, k, n;
     ngx_atomic_uint_t       cum;
     ngx_chain_t           **last;
     ngx_http_tb_zone_t    **zones, *zone;
@@ -348,6 +375,24 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
         { "requests_total", "", "", ",decision=\"full\"" },
         { "spent_tokens_total", "Tokens spent against the zone.", "counter",
           "" }
+    };
+
+    static const char  *rmetrics[] = {
+        "# HELP token_budget_zone_redis_up Whether this worker's "
+        "connection to the zone's Redis answers.\n"
+        "# TYPE token_budget_zone_redis_up gauge\n",
+        "# HELP token_budget_zone_redis_errors_total Redis commands "
+        "failed or timed out, and connections lost.\n"
+        "# TYPE token_budget_zone_redis_errors_total counter\n",
+        "# HELP token_budget_zone_degraded_total Decisions made without "
+        "Redis, by the zone's fail mode.\n"
+        "# TYPE token_budget_zone_degraded_total counter\n",
+        "# HELP token_budget_zone_pending_tokens Tokens spent that Redis "
+        "has not been told yet.\n"
+        "# TYPE token_budget_zone_pending_tokens gauge\n",
+        "# HELP token_budget_zone_flushed_tokens_total Tokens told to "
+        "Redis as deltas.\n"
+        "# TYPE token_budget_zone_flushed_tokens_total counter\n"
     };
 
     static const ngx_int_t  bounds[NGX_HTTP_TB_DRIFT_BUCKETS] = {
@@ -475,6 +520,69 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
                 break;
             default:
                 b->last = ngx_sprintf(b->last, "%uL\n", zone->sh->spent);
+                break;
+            }
+        }
+    }
+
+    /* zones shared through Redis */
+
+    b = ngx_http_tb_api_buf(r, &last, 1024 + tmcf->zones.nelts * 640);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (k = 0; k < 5; k++) {
+        n = 0;
+
+        for (i = 0; i < tmcf->zones.nelts; i++) {
+            zone = zones[i];
+
+            if (zone->redis == NULL) {
+                continue;
+            }
+
+            if (n++ == 0) {
+                b->last = ngx_sprintf(b->last, "%s", rmetrics[k]);
+            }
+
+            name = ngx_http_tb_api_zone_name(zone);
+
+            switch (k) {
+            case 0:
+                b->last = ngx_sprintf(b->last,
+                              "token_budget_zone_redis_up{zone=\"%V\"} %d\n",
+                              name,
+                              zone->redis->state == NGX_HTTP_TB_REDIS_UP);
+                break;
+            case 1:
+                b->last = ngx_sprintf(b->last,
+                              "token_budget_zone_redis_errors_total"
+                              "{zone=\"%V\"} %uL\n", name,
+                              zone->sh->redis_errors + zone->redis->errors);
+                break;
+            case 2:
+                b->last = ngx_sprintf(b->last,
+                              "token_budget_zone_degraded_total"
+                              "{zone=\"%V\",fail=\"open\"} %uL\n"
+                              "token_budget_zone_degraded_total"
+                              "{zone=\"%V\",fail=\"local\"} %uL\n"
+                              "token_budget_zone_degraded_total"
+                              "{zone=\"%V\",fail=\"closed\"} %uL\n",
+                              name, zone->sh->fail_open,
+                              name, zone->sh->fail_local,
+                              name, zone->sh->fail_closed);
+                break;
+            case 3:
+                b->last = ngx_sprintf(b->last,
+                              "token_budget_zone_pending_tokens"
+                              "{zone=\"%V\"} %L\n", name, zone->sh->pending);
+                break;
+            default:
+                b->last = ngx_sprintf(b->last,
+                              "token_budget_zone_flushed_tokens_total"
+                              "{zone=\"%V\"} %uL\n", name,
+                              zone->sh->flushed);
                 break;
             }
         }

@@ -1392,7 +1392,8 @@ ngx_http_tb_zone_settle_handler(ngx_http_tb_redis_cmd_t *cmd,
         zone->sh->clock = reply->elts[1] - ngx_http_tb_zone_now();
 
         if (reply->elts[0] == 0 && x->amount) {
-            ngx_log_error(NGX_LOG_WARN, cmd->redis->log, 0,
+            /* applied before, if sent again; or expired long ago */
+            ngx_log_error(NGX_LOG_INFO, cmd->redis->log, 0,
                           "token budget: redis \"%V\" had no reservation "
                           "%016uxL-%uL of token_budget_zone \"%V\" to "
                           "settle %L tokens", &cmd->redis->name,
@@ -1711,6 +1712,12 @@ ngx_http_tb_zone_synced(ngx_http_tb_redis_cmd_t *cmd,
     sync->syncing = 0;
     sync->synced = 0;
     node->dirty &= ~NGX_HTTP_TB_DIRTY_SYNCING;
+
+    if (sync->pending && !(node->dirty & NGX_HTTP_TB_DIRTY_QUEUED)) {
+        /* spent while a delta sent before was told again */
+        node->dirty |= NGX_HTTP_TB_DIRTY_QUEUED;
+        ngx_queue_insert_tail(&zone->sh->dirty, &sync->dirty);
+    }
 
     if (zone->mode == NGX_HTTP_TB_REDIS_BATCHED) {
         /* the fleet's spending, and this host's not told yet */
