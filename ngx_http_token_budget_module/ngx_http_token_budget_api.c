@@ -527,6 +527,16 @@ ngx_http_tb_api_metrics(ngx_http_request_t *r, ngx_http_tb_main_conf_t *tmcf,
 
     /* zones shared through Redis */
 
+    for (i = 0; i < tmcf->zones.nelts; i++) {
+        if (zones[i]->redis) {
+            break;
+        }
+    }
+
+    if (i == tmcf->zones.nelts) {
+        return NGX_OK;
+    }
+
     b = ngx_http_tb_api_buf(r, &last, 1024 + tmcf->zones.nelts * 640);
     if (b == NULL) {
         return NGX_ERROR;
