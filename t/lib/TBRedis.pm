@@ -9,6 +9,7 @@ package TBRedis;
 # calls, and many HTTP requests at once to several nginx hosts.
 #
 #     my $redis = TBRedis->new();          # skips the file without redis
+#     my $redis = TBRedis->new(password => 'secret');
 #     $redis->cli('HGETALL', 'tb:{zone:key}');
 #     $redis->crash(); $redis->start();    # SIGKILL, then start again
 #     $redis->pause(); $redis->resume();   # SIGSTOP, SIGCONT
@@ -45,6 +46,7 @@ sub new {
         dir => tempdir('tbredis-XXXXXXXX', TMPDIR => 1,
                        CLEANUP => !$ENV{TEST_NGINX_LEAVE}),
         port => TBTest::free_port(),
+        password => $opts{password},
         pid => undef,
         owner => $$,
     }, $class;
@@ -70,7 +72,9 @@ sub start {
         open STDERR, '>>', "$self->{dir}/redis.out";
         exec($SERVER, '--port', $self->{port}, '--bind', '127.0.0.1',
              '--dir', $self->{dir}, '--save', '', '--appendonly', 'yes',
-             '--appendfsync', 'always', '--logfile', 'redis.log')
+             '--appendfsync', 'always', '--logfile', 'redis.log',
+             defined $self->{password}
+             ? ('--requirepass', $self->{password}) : ())
             or print STDERR "exec $SERVER: $!\n";
         POSIX::_exit(127);
     }
@@ -122,7 +126,10 @@ sub cli {
 
     open my $err, '>&', \*STDERR or die "dup: $!\n";
     open STDERR, '>', '/dev/null';
-    my $ok = open my $fh, '-|', $CLI, '-p', $self->{port}, '--raw', @args;
+    my @auth = defined $self->{password}
+               ? ('--no-auth-warning', '-a', $self->{password}) : ();
+    my $ok = open my $fh, '-|', $CLI, '-p', $self->{port}, @auth, '--raw',
+                  @args;
     open STDERR, '>&', $err;
     die "cannot run $CLI: $!\n" unless $ok;
     local $/;
