@@ -161,6 +161,14 @@ struct ngx_http_tb_redis_s {
     ngx_str_t                    password;
     ngx_int_t                    db;
     ngx_msec_t                   timeout;   /* the shortest of its zones */
+    ngx_uint_t                   tls;
+    ngx_str_t                    tls_ca;
+    ngx_str_t                    tls_name_conf;
+#if (NGX_SSL)
+    ngx_ssl_t                   *ssl;
+    ngx_str_t                    tls_name;  /* null-terminated */
+    ngx_uint_t                   verify;
+#endif
 
     /* the worker's */
     ngx_log_t                   *log;
@@ -186,8 +194,18 @@ struct ngx_http_tb_redis_s {
 };
 
 
+typedef struct {
+    ngx_str_t                    addr;
+    ngx_str_t                    password;
+    ngx_int_t                    db;
+    ngx_uint_t                   tls;
+    ngx_str_t                    tls_ca;    /* verifies the server */
+    ngx_str_t                    tls_name;
+} ngx_http_tb_redis_conf_t;
+
+
 ngx_http_tb_redis_t *ngx_http_tb_redis_add(ngx_conf_t *cf,
-    ngx_array_t *servers, ngx_str_t *addr, ngx_str_t *password, ngx_int_t db);
+    ngx_array_t *servers, ngx_http_tb_redis_conf_t *rc);
 void ngx_http_tb_redis_script(ngx_http_tb_redis_script_t *s,
     const char *text);
 ngx_int_t ngx_http_tb_redis_init_process(ngx_http_tb_redis_t *rd,

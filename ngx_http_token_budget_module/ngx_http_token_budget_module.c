@@ -3533,11 +3533,12 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     off_t                              tokens;
     ssize_t                            size;
     time_t                             per;
-    ngx_int_t                          n, db;
-    ngx_str_t                         *value, name, s, redis, password;
+    ngx_int_t                          n;
+    ngx_str_t                         *value, name, s;
     ngx_uint_t                         i, count;
     ngx_shm_zone_t                    *shm_zone;
     ngx_http_tb_zone_t                *zone, **zp;
+    ngx_http_tb_redis_conf_t           rc;
     ngx_http_compile_complex_value_t   ccv;
 
     value = cf->args->elts;
@@ -3562,9 +3563,7 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     per = 0;
     count = NGX_HTTP_TB_COUNT_TOTAL;
     ngx_str_null(&name);
-    ngx_str_null(&redis);
-    ngx_str_null(&password);
-    db = 0;
+    ngx_memzero(&rc, sizeof(ngx_http_tb_redis_conf_t));
 
     zone->mode = NGX_CONF_UNSET_UINT;
     zone->fail = NGX_HTTP_TB_FAIL_LOCAL;
@@ -3651,10 +3650,10 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         /* budgets shared through Redis */
 
         if (ngx_strncmp(value[i].data, "redis=", 6) == 0) {
-            redis.data = value[i].data + 6;
-            redis.len = value[i].len - 6;
+            rc.addr.data = value[i].data + 6;
+            rc.addr.len = value[i].len - 6;
 
-            if (redis.len == 0) {
+            if (rc.addr.len == 0) {
                 goto invalid;
             }
 
@@ -3662,18 +3661,35 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "redis_password=", 15) == 0) {
-            password.data = value[i].data + 15;
-            password.len = value[i].len - 15;
+            rc.password.data = value[i].data + 15;
+            rc.password.len = value[i].len - 15;
             continue;
         }
 
         if (ngx_strncmp(value[i].data, "redis_db=", 9) == 0) {
-            db = ngx_atoi(value[i].data + 9, value[i].len - 9);
+            rc.db = ngx_atoi(value[i].data + 9, value[i].len - 9);
 
-            if (db == NGX_ERROR) {
+            if (rc.db == NGX_ERROR) {
                 goto invalid;
             }
 
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_tls=on") == 0) {
+            rc.tls = 1;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_tls_ca=", 13) == 0) {
+            rc.tls_ca.data = value[i].data + 13;
+            rc.tls_ca.len = value[i].len - 13;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_tls_name=", 15) == 0) {
+            rc.tls_name.data = value[i].data + 15;
+            rc.tls_name.len = value[i].len - 15;
             continue;
         }
 
@@ -3751,7 +3767,14 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         goto invalid;
     }
 
-    if (redis.len) {
+    if ((rc.tls_ca.len || rc.tls_name.len) && !rc.tls) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"redis_tls_ca\" and \"redis_tls_name\" need "
+                           "\"redis_tls=on\"");
+        return NGX_CONF_ERROR;
+    }
+
+    if (rc.addr.len) {
         if (zone->mode == NGX_CONF_UNSET_UINT) {
             zone->mode = NGX_HTTP_TB_REDIS_STRICT;
         }
@@ -3761,8 +3784,7 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                                                    : 1000;
         }
 
-        zone->redis = ngx_http_tb_redis_add(cf, &tmcf->redis, &redis,
-                                            &password, db);
+        zone->redis = ngx_http_tb_redis_add(cf, &tmcf->redis, &rc);
         if (zone->redis == NULL) {
             return NGX_CONF_ERROR;
         }
@@ -3774,12 +3796,12 @@ ngx_http_tb_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
     } else if (zone->mode != NGX_CONF_UNSET_UINT
-               || password.len || db
+               || rc.password.len || rc.db || rc.tls
                || zone->sync != NGX_CONF_UNSET_MSEC)
     {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"mode\", \"sync\", \"redis_password\" and "
-                           "\"redis_db\" need the \"redis\" parameter");
+                           "\"mode\", \"sync\" and the \"redis_\" "
+                           "parameters need the \"redis\" parameter");
         return NGX_CONF_ERROR;
 
     } else {

@@ -38,6 +38,10 @@ static void ngx_http_tb_redis_connect(ngx_http_tb_redis_t *rd);
 static void ngx_http_tb_redis_timer_handler(ngx_event_t *ev);
 static void ngx_http_tb_redis_write_handler(ngx_event_t *wev);
 static void ngx_http_tb_redis_read_handler(ngx_event_t *rev);
+#if (NGX_SSL)
+static void ngx_http_tb_redis_tls_start(ngx_event_t *wev);
+static void ngx_http_tb_redis_tls_done(ngx_connection_t *c);
+#endif
 static void ngx_http_tb_redis_fail(ngx_http_tb_redis_t *rd,
     const char *reason);
 static void ngx_http_tb_redis_arm(ngx_http_tb_redis_t *rd);
@@ -60,24 +64,35 @@ static ngx_int_t ngx_http_tb_redis_internal(ngx_http_tb_redis_t *rd,
 /* the configuration: one connection per worker per distinct server */
 
 ngx_http_tb_redis_t *
-ngx_http_tb_redis_add(ngx_conf_t *cf, ngx_array_t *servers, ngx_str_t *addr,
-    ngx_str_t *password, ngx_int_t db)
+ngx_http_tb_redis_add(ngx_conf_t *cf, ngx_array_t *servers,
+    ngx_http_tb_redis_conf_t *rc)
 {
     ngx_url_t             u;
     ngx_uint_t            i;
     ngx_http_tb_redis_t  *rd, **rdp;
+#if (NGX_SSL)
+    ngx_str_t             ca, name;
+    ngx_pool_cleanup_t   *cln;
+#endif
 
     rdp = servers->elts;
 
     for (i = 0; i < servers->nelts; i++) {
         rd = rdp[i];
 
-        if (rd->name.len == addr->len
-            && ngx_strncmp(rd->name.data, addr->data, addr->len) == 0
-            && rd->password.len == password->len
-            && ngx_strncmp(rd->password.data, password->data, password->len)
+        if (rd->name.len == rc->addr.len
+            && ngx_strncmp(rd->name.data, rc->addr.data, rc->addr.len) == 0
+            && rd->password.len == rc->password.len
+            && ngx_strncmp(rd->password.data, rc->password.data,
+                           rc->password.len) == 0
+            && rd->db == rc->db
+            && rd->tls == rc->tls
+            && rd->tls_ca.len == rc->tls_ca.len
+            && ngx_strncmp(rd->tls_ca.data, rc->tls_ca.data, rc->tls_ca.len)
                == 0
-            && rd->db == db)
+            && rd->tls_name_conf.len == rc->tls_name.len
+            && ngx_strncmp(rd->tls_name_conf.data, rc->tls_name.data,
+                           rc->tls_name.len) == 0)
         {
             return rd;
         }
@@ -85,13 +100,14 @@ ngx_http_tb_redis_add(ngx_conf_t *cf, ngx_array_t *servers, ngx_str_t *addr,
 
     ngx_memzero(&u, sizeof(ngx_url_t));
 
-    u.url = *addr;
+    u.url = rc->addr;
     u.default_port = 6379;
 
     if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
         if (u.err) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "%s in redis address \"%V\"", u.err, addr);
+                               "%s in redis address \"%V\"", u.err,
+                               &rc->addr);
         }
 
         return NULL;
@@ -99,7 +115,7 @@ ngx_http_tb_redis_add(ngx_conf_t *cf, ngx_array_t *servers, ngx_str_t *addr,
 
     if (u.naddrs == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "no addresses for redis \"%V\"", addr);
+                           "no addresses for redis \"%V\"", &rc->addr);
         return NULL;
     }
 
@@ -108,11 +124,64 @@ ngx_http_tb_redis_add(ngx_conf_t *cf, ngx_array_t *servers, ngx_str_t *addr,
         return NULL;
     }
 
-    rd->name = *addr;
+    rd->name = rc->addr;
     rd->addr = u.addrs[0];
-    rd->password = *password;
-    rd->db = db;
+    rd->password = rc->password;
+    rd->db = rc->db;
+    rd->tls = rc->tls;
+    rd->tls_ca = rc->tls_ca;
+    rd->tls_name_conf = rc->tls_name;
     rd->timeout = NGX_CONF_UNSET_MSEC;
+
+    if (rc->tls) {
+#if (NGX_SSL)
+        rd->ssl = ngx_pcalloc(cf->pool, sizeof(ngx_ssl_t));
+        if (rd->ssl == NULL) {
+            return NULL;
+        }
+
+        rd->ssl->log = cf->log;
+
+        if (ngx_ssl_create(rd->ssl, NGX_SSL_TLSv1_2|NGX_SSL_TLSv1_3, NULL)
+            != NGX_OK)
+        {
+            return NULL;
+        }
+
+        cln = ngx_pool_cleanup_add(cf->pool, 0);
+        if (cln == NULL) {
+            ngx_ssl_cleanup_ctx(rd->ssl);
+            return NULL;
+        }
+
+        cln->handler = ngx_ssl_cleanup_ctx;
+        cln->data = rd->ssl;
+
+        if (rc->tls_ca.len) {
+            ca = rc->tls_ca;
+
+            if (ngx_ssl_trusted_certificate(cf, rd->ssl, &ca, 4) != NGX_OK) {
+                return NULL;
+            }
+
+            rd->verify = 1;
+        }
+
+        name = rc->tls_name.len ? rc->tls_name : u.host;
+
+        rd->tls_name.len = name.len;
+        rd->tls_name.data = ngx_pnalloc(cf->pool, name.len + 1);
+        if (rd->tls_name.data == NULL) {
+            return NULL;
+        }
+
+        (void) ngx_cpystrn(rd->tls_name.data, name.data, name.len + 1);
+#else
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "redis_tls needs nginx built with OpenSSL");
+        return NULL;
+#endif
+    }
 
     rdp = ngx_array_push(servers);
     if (rdp == NULL) {
@@ -524,10 +593,25 @@ ngx_http_tb_redis_connect(ngx_http_tb_redis_t *rd)
     c->data = rd;
     c->read->handler = ngx_http_tb_redis_read_handler;
     c->write->handler = ngx_http_tb_redis_write_handler;
+
+#if (NGX_SSL)
+    if (rd->ssl) {
+        /* TLS first, once connected; the commands wait in the buffer */
+        c->write->handler = ngx_http_tb_redis_tls_start;
+    }
+#endif
+
     c->log = rd->log;
     c->read->log = rd->log;
     c->write->log = rd->log;
-    c->pool = NULL;
+
+    /* for TLS, whose state comes from the connection's pool */
+
+    c->pool = ngx_create_pool(1024, rd->log);
+    if (c->pool == NULL) {
+        ngx_http_tb_redis_fail(rd, "cannot connect");
+        return;
+    }
 
     /* the handshake: AUTH, SELECT, then PING; ready when PING answers */
 
@@ -565,9 +649,93 @@ ngx_http_tb_redis_connect(ngx_http_tb_redis_t *rd)
     ngx_http_tb_redis_arm(rd);
 
     if (rc == NGX_OK) {
-        ngx_http_tb_redis_write_handler(c->write);
+        c->write->handler(c->write);
     }
 }
+
+
+#if (NGX_SSL)
+
+static void
+ngx_http_tb_redis_tls_start(ngx_event_t *wev)
+{
+    ngx_int_t             rc;
+    ngx_connection_t     *c;
+    ngx_http_tb_redis_t  *rd;
+
+    c = wev->data;
+    rd = c->data;
+
+    if (ngx_ssl_create_connection(rd->ssl, c,
+                                  NGX_SSL_BUFFER|NGX_SSL_CLIENT)
+        != NGX_OK)
+    {
+        ngx_http_tb_redis_fail(rd, "cannot start TLS");
+        return;
+    }
+
+#ifdef SSL_CTRL_SET_TLSEXT_HOSTNAME
+    if (SSL_set_tlsext_host_name(c->ssl->connection,
+                                 (char *) rd->tls_name.data)
+        == 0)
+    {
+        ngx_http_tb_redis_fail(rd, "cannot set the TLS server name");
+        return;
+    }
+#endif
+
+    rc = ngx_ssl_handshake(c);
+
+    if (rc == NGX_AGAIN) {
+        c->ssl->handler = ngx_http_tb_redis_tls_done;
+        return;
+    }
+
+    ngx_http_tb_redis_tls_done(c);
+}
+
+
+static void
+ngx_http_tb_redis_tls_done(ngx_connection_t *c)
+{
+    long                  rc;
+    ngx_http_tb_redis_t  *rd;
+
+    rd = c->data;
+
+    if (!c->ssl->handshaked) {
+        ngx_http_tb_redis_fail(rd, "failed the TLS handshake");
+        return;
+    }
+
+    if (rd->verify) {
+        rc = SSL_get_verify_result(c->ssl->connection);
+
+        if (rc != X509_V_OK) {
+            ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+                          "token budget: redis \"%V\" certificate "
+                          "verify error: (%l:%s)", &rd->name, rc,
+                          X509_verify_cert_error_string(rc));
+            ngx_http_tb_redis_fail(rd, "has a certificate not trusted");
+            return;
+        }
+
+        if (ngx_ssl_check_host(c, &rd->tls_name) != NGX_OK) {
+            ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+                          "token budget: redis \"%V\" certificate does "
+                          "not match \"%V\"", &rd->name, &rd->tls_name);
+            ngx_http_tb_redis_fail(rd, "has a certificate not trusted");
+            return;
+        }
+    }
+
+    c->read->handler = ngx_http_tb_redis_read_handler;
+    c->write->handler = ngx_http_tb_redis_write_handler;
+
+    ngx_http_tb_redis_write_handler(c->write);
+}
+
+#endif
 
 
 /* a command of the connection's own, sent before any other */
@@ -972,12 +1140,26 @@ ngx_http_tb_redis_dispatch(ngx_http_tb_redis_t *rd,
 static void
 ngx_http_tb_redis_fail(ngx_http_tb_redis_t *rd, const char *reason)
 {
+    ngx_pool_t                 *pool;
     ngx_queue_t                 sent, *q;
     ngx_http_tb_redis_cmd_t    *cmd;
     ngx_http_tb_redis_reply_t   reply;
 
     if (rd->c) {
+#if (NGX_SSL)
+        if (rd->c->ssl) {
+            rd->c->ssl->no_wait_shutdown = 1;
+            (void) ngx_ssl_shutdown(rd->c);
+        }
+#endif
+        pool = rd->c->pool;
+
         ngx_close_connection(rd->c);
+
+        if (pool) {
+            ngx_destroy_pool(pool);
+        }
+
         rd->c = NULL;
         rd->peer.connection = NULL;
     }

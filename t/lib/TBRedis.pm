@@ -10,6 +10,7 @@ package TBRedis;
 #
 #     my $redis = TBRedis->new();          # skips the file without redis
 #     my $redis = TBRedis->new(password => 'secret');
+#     my $redis = TBRedis->new(tls => 1);  # its CA: $redis->ca()
 #     $redis->cli('HGETALL', 'tb:{zone:key}');
 #     $redis->crash(); $redis->start();    # SIGKILL, then start again
 #     $redis->pause(); $redis->resume();   # SIGSTOP, SIGCONT
@@ -47,10 +48,12 @@ sub new {
                        CLEANUP => !$ENV{TEST_NGINX_LEAVE}),
         port => TBTest::free_port(),
         password => $opts{password},
+        tls => $opts{tls},
         pid => undef,
         owner => $$,
     }, $class;
 
+    $self->certificates() if $self->{tls};
     $self->start();
 
     return $self;
@@ -70,7 +73,15 @@ sub start {
         open STDIN, '<', '/dev/null';
         open STDOUT, '>>', "$self->{dir}/redis.out";
         open STDERR, '>>', "$self->{dir}/redis.out";
-        exec($SERVER, '--port', $self->{port}, '--bind', '127.0.0.1',
+        my @port = $self->{tls}
+                   ? ('--port', 0, '--tls-port', $self->{port},
+                      '--tls-cert-file', "$self->{dir}/server.pem",
+                      '--tls-key-file', "$self->{dir}/server.key",
+                      '--tls-ca-cert-file', "$self->{dir}/ca.pem",
+                      '--tls-auth-clients', 'no')
+                   : ('--port', $self->{port});
+
+        exec($SERVER, @port, '--bind', '127.0.0.1',
              '--dir', $self->{dir}, '--save', '', '--appendonly', 'yes',
              '--appendfsync', 'always', '--logfile', 'redis.log',
              defined $self->{password}
@@ -128,6 +139,10 @@ sub cli {
     open STDERR, '>', '/dev/null';
     my @auth = defined $self->{password}
                ? ('--no-auth-warning', '-a', $self->{password}) : ();
+
+    push @auth, '--tls', '--cacert', "$self->{dir}/ca.pem", '--sni',
+                'localhost'
+        if $self->{tls};
     my $ok = open my $fh, '-|', $CLI, '-p', $self->{port}, @auth, '--raw',
                   @args;
     open STDERR, '>&', $err;
@@ -141,6 +156,34 @@ sub cli {
     $out =~ s/\n\z//;
     return $out;
 }
+
+
+# a CA, and a certificate for "localhost" it signed
+
+sub certificates {
+    my ($self) = @_;
+
+    my $d = $self->{dir};
+
+    open my $fh, '>', "$d/ext.cnf" or die "$d/ext.cnf: $!\n";
+    print $fh "subjectAltName=DNS:localhost\n";
+    close $fh;
+
+    for my $cmd (
+        "req -x509 -newkey rsa:2048 -nodes -keyout $d/ca.key -out $d/ca.pem"
+        . " -days 2 -subj /CN=tbtest-ca",
+        "req -newkey rsa:2048 -nodes -keyout $d/server.key"
+        . " -out $d/server.csr -subj /CN=localhost",
+        "x509 -req -in $d/server.csr -CA $d/ca.pem -CAkey $d/ca.key"
+        . " -CAcreateserial -out $d/server.pem -days 2 -extfile $d/ext.cnf")
+    {
+        system("openssl $cmd >>$d/openssl.log 2>&1") == 0
+            or die "openssl $cmd failed\n";
+    }
+}
+
+
+sub ca { "$_[0]{dir}/ca.pem" }
 
 
 # a budget subject's state in Redis
