@@ -256,6 +256,29 @@ $redis->start();
 ok(wait_back(), 'back again');
 exact('settle after a crash');
 
+# a settle due while Redis is away, on a worker that a reload retires:
+# handed to the new workers as a delta
+
+$child = fork();
+die "fork: $!" unless defined $child;
+
+if ($child == 0) {
+    $redis->{owner} = 0;
+    my $r = send_to(1, 'closed', mock => 'delay=600');
+    POSIX::_exit($r->{status} == 200 ? 0 : 1);
+}
+
+sleep 0.3;
+$redis->crash();
+waitpid($child, 0);
+is($?, 0, 'admitted, answered while redis is down');
+$spent{closed} += 50;
+
+$hosts[1]->reload();
+$redis->start();
+ok(wait_back(), 'back after a reload');
+exact('settle across a reload');
+
 # Redis paused: commands sit in its socket; replies never come
 
 my $slow = fork();
