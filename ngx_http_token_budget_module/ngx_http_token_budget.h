@@ -151,7 +151,6 @@ struct ngx_http_tb_redis_cmd_s {
     unsigned                     eval:1;
     unsigned                     answered:1;
     unsigned                     kept:1;
-    unsigned                     internal:1;
 };
 
 
@@ -185,12 +184,10 @@ struct ngx_http_tb_redis_s {
     ngx_event_t                  timer;
     ngx_msec_t                   backoff;
     ngx_msec_t                   connect_deadline;
-    ngx_msec_t                   up_since;
     ngx_uint_t                   failures;  /* in a row */
     ngx_uint_t                   errors;
     ngx_uint_t                   handshake;
     u_char                       db_text[NGX_INT_T_LEN];
-    void                       (*up)(ngx_http_tb_redis_t *rd);
 };
 
 
@@ -218,7 +215,7 @@ void ngx_http_tb_redis_free(ngx_http_tb_redis_cmd_t *cmd);
 u_char *ngx_http_tb_redis_arg(u_char *p, u_char *data, size_t len);
 u_char *ngx_http_tb_redis_int(u_char *p, int64_t n);
 ngx_int_t ngx_http_tb_redis_send(ngx_http_tb_redis_cmd_t *cmd);
-void ngx_http_tb_redis_park(ngx_http_tb_redis_cmd_t *cmd);
+ngx_int_t ngx_http_tb_redis_park(ngx_http_tb_redis_cmd_t *cmd);
 
 
 /* windowed budgets, ngx_http_token_budget_zone.c */
@@ -283,7 +280,6 @@ typedef struct {
     uint64_t                     seq;
     int64_t                      clock;     /* Redis' clock less ours */
     ngx_msec_t                   sync_last;
-    ngx_uint_t                   redis_up;
     uint64_t                     redis_errors;
     uint64_t                     fail_open;
     uint64_t                     fail_local;

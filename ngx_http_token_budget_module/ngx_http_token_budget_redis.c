@@ -435,14 +435,27 @@ ngx_http_tb_redis_send(ngx_http_tb_redis_cmd_t *cmd)
 }
 
 
-/* keeps a command to send again once Redis answers */
+/*
+ * keeps a command to send again once Redis answers; past a bound, a
+ * command its owner can keep elsewhere is handed back (NGX_DECLINED, and
+ * the caller frees it)
+ */
 
-void
+#define NGX_HTTP_TB_REDIS_MAX_RETRY    10000
+
+
+ngx_int_t
 ngx_http_tb_redis_park(ngx_http_tb_redis_cmd_t *cmd)
 {
     ngx_http_tb_redis_t  *rd;
 
     rd = cmd->redis;
+
+    if (rd->nretry >= NGX_HTTP_TB_REDIS_MAX_RETRY && cmd->abandon) {
+        cmd->abandon(cmd);
+        cmd->kept = 0;
+        return NGX_DECLINED;
+    }
 
     cmd->answered = 0;
     cmd->eval = 0;
@@ -450,6 +463,8 @@ ngx_http_tb_redis_park(ngx_http_tb_redis_cmd_t *cmd)
 
     ngx_queue_insert_tail(&rd->retry, &cmd->queue);
     rd->nretry++;
+
+    return NGX_OK;
 }
 
 
@@ -770,7 +785,6 @@ ngx_http_tb_redis_internal(ngx_http_tb_redis_t *rd, ngx_str_t *args,
     cmd->nargs = n;
     cmd->handler = ngx_http_tb_redis_handshake_handler;
     cmd->data = rd;
-    cmd->internal = 1;
 
     if (ngx_http_tb_redis_append(rd, cmd) != NGX_OK) {
         ngx_http_tb_redis_free(cmd);
@@ -819,7 +833,6 @@ ngx_http_tb_redis_handshake_handler(ngx_http_tb_redis_cmd_t *cmd,
     rd->state = NGX_HTTP_TB_REDIS_UP;
     rd->failures = 0;
     rd->backoff = NGX_HTTP_TB_REDIS_BACKOFF_MIN;
-    rd->up_since = ngx_current_msec;
 
     /* what waited for Redis goes now: settles are safe to send again */
 
@@ -831,13 +844,12 @@ ngx_http_tb_redis_handshake_handler(ngx_http_tb_redis_cmd_t *cmd,
         retry = ngx_queue_data(q, ngx_http_tb_redis_cmd_t, queue);
 
         if (ngx_http_tb_redis_send(retry) != NGX_OK) {
-            ngx_http_tb_redis_park(retry);
+            if (ngx_http_tb_redis_park(retry) != NGX_OK) {
+                ngx_http_tb_redis_free(retry);
+            }
+
             break;
         }
-    }
-
-    if (rd->up) {
-        rd->up(rd);
     }
 
     ngx_http_tb_redis_arm(rd);

@@ -1123,7 +1123,6 @@ ngx_http_tb_zone_reserve_handler(ngx_http_tb_redis_cmd_t *cmd,
 
     if (reply->type == NGX_HTTP_TB_REDIS_ARRAY && reply->nelts == 5) {
         zone->sh->clock = reply->elts[1] - ngx_http_tb_zone_now();
-        zone->sh->redis_up = 1;
 
     } else {
         zone->sh->redis_errors++;
@@ -1372,8 +1371,10 @@ ngx_http_tb_zone_release(ngx_http_tb_zone_t *zone, ngx_str_t *key,
     cmd->abandon = ngx_http_tb_zone_settle_abandon;
     cmd->data = zone;
 
-    if (ngx_http_tb_redis_send(cmd) != NGX_OK) {
-        ngx_http_tb_redis_park(cmd);
+    if (ngx_http_tb_redis_send(cmd) != NGX_OK
+        && ngx_http_tb_redis_park(cmd) != NGX_OK)
+    {
+        ngx_http_tb_redis_free(cmd);
     }
 }
 
@@ -1416,7 +1417,7 @@ ngx_http_tb_zone_settle_handler(ngx_http_tb_redis_cmd_t *cmd,
 
     /* not known to be applied: sent again, Redis applies it once */
 
-    ngx_http_tb_redis_park(cmd);
+    (void) ngx_http_tb_redis_park(cmd);
 }
 
 
@@ -1515,8 +1516,6 @@ ngx_http_tb_zone_sync_handler(ngx_event_t *ev)
     }
 
     ngx_add_timer(ev, zone->sync);
-
-    zone->sh->redis_up = (zone->redis->state == NGX_HTTP_TB_REDIS_UP);
 
     if (zone->redis->state != NGX_HTTP_TB_REDIS_UP) {
         return;
