@@ -71,6 +71,9 @@ struct tk_encoding_s {
     uint64_t             *merge;        /* (a << 20 | b) << 20 | token */
     uint32_t              merge_mask;
 
+    /* the parts merging starts from for the characters up to U+FFFF */
+    uint64_t             *chars;        /* 65536: ids << 2 | count */
+
     size_t                memory;
 };
 
