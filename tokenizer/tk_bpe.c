@@ -36,6 +36,10 @@
 #define TK_CHAR_RIGHT       (1ULL << 63)
 
 
+/* the two bits of a pair's word of the merge filter, from its hash */
+#define TK_MERGE_BITS(h)    (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
+
+
 #define tk_emit(out, id)                                                      \
     if ((out)->ids != NULL && (out)->n < (out)->max) {                        \
         (out)->ids[(out)->n] = (id);                                          \
@@ -509,11 +513,20 @@ static uint32_t
 tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 {
     uint32_t  i;
-    uint64_t  key, e;
+    uint64_t  key, h, e;
 
     key = (uint64_t) a << 20 | b;
+    h = key * 0x9e3779b97f4a7c15ULL;
 
-    for (i = (uint32_t) ((key * 0x9e3779b97f4a7c15ULL) >> 40) & enc->merge_mask;
+    /* most pairs do not merge: two bits of one word of the filter say so */
+
+    e = TK_MERGE_BITS(h);
+
+    if ((enc->merge_filter[h >> enc->merge_shift] & e) != e) {
+        return TK_NONE;
+    }
+
+    for (i = (uint32_t) (h >> 40) & enc->merge_mask;
          /* void */;
          i = (i + 1) & enc->merge_mask)
     {
@@ -534,11 +547,14 @@ static void
 tk_merge_put(tk_encoding_t *enc, uint32_t a, uint32_t b, uint32_t m)
 {
     uint32_t  i;
-    uint64_t  key;
+    uint64_t  key, h;
 
     key = (uint64_t) a << 20 | b;
+    h = key * 0x9e3779b97f4a7c15ULL;
 
-    for (i = (uint32_t) ((key * 0x9e3779b97f4a7c15ULL) >> 40) & enc->merge_mask;
+    enc->merge_filter[h >> enc->merge_shift] |= TK_MERGE_BITS(h);
+
+    for (i = (uint32_t) (h >> 40) & enc->merge_mask;
          enc->merge[i] != 0;
          i = (i + 1) & enc->merge_mask)
     {
@@ -694,13 +710,22 @@ tk_bpe_prepare(tk_encoding_t *enc)
     enc->merge_mask = size - 1;
     enc->merge = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
 
-    if (enc->merge == NULL) {
+    /* and a filter of 4 bits per slot, 8 to 16 per merge */
+
+    for (enc->merge_shift = 64, k = size / 16; k > 1; k >>= 1) {
+        enc->merge_shift--;
+    }
+
+    enc->merge_filter = tk_alloc(&enc->allocator, size / 16 * sizeof(uint64_t));
+
+    if (enc->merge == NULL || enc->merge_filter == NULL) {
         tk_free(&enc->allocator, reachable);
         return TK_ENOMEM;
     }
 
     memset(enc->merge, 0, size * sizeof(uint64_t));
-    enc->memory += size * sizeof(uint64_t);
+    memset(enc->merge_filter, 0, size / 16 * sizeof(uint64_t));
+    enc->memory += size * sizeof(uint64_t) + size / 16 * sizeof(uint64_t);
 
     for (id = 0; id < enc->nids; id++) {
         if (enc->split[2 * id] != id) {
