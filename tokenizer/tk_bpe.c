@@ -165,7 +165,20 @@ tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p, size_t n,
             b = q;
 
             if (*q >= 0x80) {
-                cp = tk_utf8_decode(&q, end);
+
+                /* three bytes inline, the rest by tk_utf8_decode() */
+
+                if ((*q & 0xf0) == 0xe0 && end - q >= 3
+                    && (q[1] & 0xc0) == 0x80 && (q[2] & 0xc0) == 0x80
+                    && (*q != 0xe0 || q[1] >= 0xa0))
+                {
+                    cp = (*q & 0x0f) << 12 | (q[1] & 0x3f) << 6 | (q[2] & 0x3f);
+                    q += 3;
+
+                } else {
+                    cp = tk_utf8_decode(&q, end);
+                }
+
                 parts = (cp < 0x10000) ? enc->chars[cp] : 0;
 
                 if (parts != 0
@@ -949,7 +962,8 @@ tk_chars_prepare(tk_encoding_t *enc)
 /*
  * the parts of one character merged alone, as TK_CHAR_LEFT, TK_CHAR_RIGHT,
  * the count and the ids (see tk_bpe_merge_ids()), or 0 when it starts from
- * its bytes
+ * its bytes; where the condition above holds for its first merges only,
+ * the parts those make
  */
 
 static uint64_t
@@ -958,7 +972,7 @@ tk_char_parts(const tk_encoding_t *enc, const unsigned char *b, size_t k,
 {
     size_t    i, m, min_i, side;
     uint32_t  r, max, edge[4], id[3];
-    uint64_t  parts;
+    uint64_t  parts, best;
 
     for (i = 0; i < k; i++) {
         id[i] = enc->byte_rank[b[i]];
@@ -966,6 +980,7 @@ tk_char_parts(const tk_encoding_t *enc, const unsigned char *b, size_t k,
 
     m = k;
     max = 0;
+    best = 0;
 
     for (side = 0; side < 4; side++) {
         edge[side] = TK_NONE;
@@ -980,6 +995,30 @@ tk_char_parts(const tk_encoding_t *enc, const unsigned char *b, size_t k,
                 ? 0 : m - 1;
 
             tk_char_min(&edge[side], min[side * enc->nids + id[i]]);
+        }
+
+        if (edge[TK_CHAR_CONT_LEFT] <= max
+            || edge[TK_CHAR_LEAD_RIGHT] <= max)
+        {
+            break;
+        }
+
+        if (m < k) {
+            parts = 0;
+
+            for (i = m; i > 0; i--) {
+                parts = parts << 20 | id[i - 1];
+            }
+
+            best = parts << 2 | m;
+
+            if (edge[TK_CHAR_ANY_LEFT] > max) {
+                best |= TK_CHAR_LEFT;
+            }
+
+            if (edge[TK_CHAR_ANY_RIGHT] > max) {
+                best |= TK_CHAR_RIGHT;
+            }
         }
 
         r = TK_NONE;
@@ -1009,30 +1048,7 @@ tk_char_parts(const tk_encoding_t *enc, const unsigned char *b, size_t k,
         m--;
     }
 
-    if (m == k
-        || edge[TK_CHAR_CONT_LEFT] <= max
-        || edge[TK_CHAR_LEAD_RIGHT] <= max)
-    {
-        return 0;
-    }
-
-    parts = 0;
-
-    for (i = m; i > 0; i--) {
-        parts = parts << 20 | id[i - 1];
-    }
-
-    parts = parts << 2 | m;
-
-    if (edge[TK_CHAR_ANY_LEFT] > max) {
-        parts |= TK_CHAR_LEFT;
-    }
-
-    if (edge[TK_CHAR_ANY_RIGHT] > max) {
-        parts |= TK_CHAR_RIGHT;
-    }
-
-    return parts;
+    return best;
 }
 
 
