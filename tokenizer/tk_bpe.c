@@ -6,12 +6,15 @@
  * merge the adjacent pair of parts whose concatenation is the token of the
  * lowest rank, the leftmost one on ties.
  *
- * Short pieces are merged in place, as tiktoken does.  That is quadratic in
- * the length of a piece, so long pieces (a megabyte of one letter is one
- * piece) are encoded by backtracking instead: the longest token that fits
- * is taken first, then shorter ones, until every adjacent pair of tokens is
- * one that the merging would have left apart.  Only one encoding has that
- * property, so the result is the same; the work is linear.
+ * Short pieces are merged in place, as tiktoken does, on token ids; most
+ * characters of two or three bytes start there from the tokens their bytes
+ * merge into, where that provably changes nothing (tk_chars_prepare()).
+ * Merging is quadratic in the length of a piece, so long pieces (a megabyte
+ * of one letter is one piece) are encoded by backtracking instead: the
+ * longest token that fits is taken first, then shorter ones, until every
+ * adjacent pair of tokens is one that the merging would have left apart.
+ * Only one encoding has that property, so the result is the same; the work
+ * is linear.
  *
  * A pair of tokens (a, b) is left apart when, going back through the merges
  * that built a and b, no pair of parts facing each other across the
@@ -20,6 +23,21 @@
 
 
 #include "tk_internal.h"
+
+
+/* the sides of tk_chars_prepare() */
+#define TK_CHAR_ANY_LEFT    0
+#define TK_CHAR_CONT_LEFT   1
+#define TK_CHAR_ANY_RIGHT   2
+#define TK_CHAR_LEAD_RIGHT  3
+
+/* a character may start from its parts whatever is on that side */
+#define TK_CHAR_LEFT        (1ULL << 62)
+#define TK_CHAR_RIGHT       (1ULL << 63)
+
+
+/* the two bits of a pair's word of the merge filter, from its hash */
+#define TK_MERGE_BITS(h)    (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
 
 
 #define tk_emit(out, id)                                                      \
@@ -43,6 +61,10 @@ static uint32_t tk_trie_child(const tk_encoding_t *enc, uint32_t node,
     unsigned char c);
 static void tk_trie_put(tk_encoding_t *enc, uint32_t key, uint32_t child);
 static int tk_trie_add(tk_encoding_t *enc, uint32_t id);
+static int tk_chars_prepare(tk_encoding_t *enc);
+static uint64_t tk_char_parts(const tk_encoding_t *enc, const unsigned char *b,
+    size_t k, const uint32_t *min);
+static void tk_char_min(uint32_t *min, uint32_t rank);
 
 
 void *
@@ -97,19 +119,109 @@ static int
 tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     tk_out_t *out)
 {
-    size_t    i, m, min_i;
-    uint32_t  min, id[TK_SHORT_PIECE], rank[TK_SHORT_PIECE];
+    size_t                i, k, m, min_i;
+    uint32_t              min, cp, id[TK_SHORT_PIECE], rank[TK_SHORT_PIECE];
+    uint64_t              parts;
+    const unsigned char  *q, *b, *end;
 
-    for (i = 0; i < n; i++) {
-        id[i] = enc->byte_rank[p[i]];
+    end = p + n;
+
+    for (q = p; q < end && *q < 0x80; q++) {
+        /* void */
     }
 
-    for (i = 0; i + 1 < n; i++) {
-        rank[i] = enc->pair_rank[p[i] << 8 | p[i + 1]];
+    if (q == end || enc->chars == NULL) {
+
+        /* bytes only: their pairs are two bytes */
+
+        for (i = 0; i < n; i++) {
+            id[i] = enc->byte_rank[p[i]];
+        }
+
+        for (i = 0; i + 1 < n; i++) {
+            rank[i] = enc->pair_rank[p[i] << 8 | p[i + 1]];
+        }
+
+        m = n;
+
+    } else {
+        m = 0;
+
+        for (q = p; q < end && *q < 0x80; q++) {
+            if (m > 0) {
+                rank[m - 1] = enc->pair_rank[q[-1] << 8 | q[0]];
+            }
+
+            id[m++] = enc->byte_rank[*q];
+        }
+
+        /*
+         * a character of two or three bytes starts from the parts it
+         * merges into alone, where tk_chars_prepare() found that nothing
+         * on either side can merge with it first
+         */
+
+        while (q < end) {
+            b = q;
+
+            if (*q >= 0x80) {
+
+                /* three bytes inline, the rest by tk_utf8_decode() */
+
+                if ((*q & 0xf0) == 0xe0 && end - q >= 3
+                    && (q[1] & 0xc0) == 0x80 && (q[2] & 0xc0) == 0x80
+                    && (*q != 0xe0 || q[1] >= 0xa0))
+                {
+                    cp = (*q & 0x0f) << 12 | (q[1] & 0x3f) << 6 | (q[2] & 0x3f);
+                    q += 3;
+
+                } else {
+                    cp = tk_utf8_decode(&q, end);
+                }
+
+                parts = (cp < 0x10000) ? enc->chars[cp] : 0;
+
+                if (parts != 0
+                    && (b == p || (b[-1] & 0xc0) == 0x80
+                        || (parts & TK_CHAR_LEFT))
+                    && (q == end || *q >= 0xc0 || (parts & TK_CHAR_RIGHT)))
+                {
+                    for (k = parts & 3, parts >>= 2; k; k--, parts >>= 20) {
+                        if (m > 0) {
+                            rank[m - 1] = tk_pair(enc, id[m - 1],
+                                                  (uint32_t) parts & 0xfffff);
+                        }
+
+                        id[m++] = (uint32_t) parts & 0xfffff;
+                    }
+
+                    continue;
+                }
+
+            } else {
+                q++;
+            }
+
+            /* bytes, and pairs of two bytes where the last part is one */
+
+            for ( /* void */ ; b < q; b++) {
+                if (m == 0) {
+                    /* void */
+
+                } else if (id[m - 1] == enc->byte_rank[b[-1]]) {
+                    rank[m - 1] = enc->pair_rank[b[-1] << 8 | b[0]];
+
+                } else {
+                    rank[m - 1] = tk_pair(enc, id[m - 1],
+                                          enc->byte_rank[b[0]]);
+                }
+
+                id[m++] = enc->byte_rank[*b];
+            }
+        }
     }
 
-    rank[n - 1] = TK_NONE;
-    m = n;
+    rank[m - 1] = TK_NONE;
 
     for ( ;; ) {
         min = TK_NONE;
@@ -414,11 +526,20 @@ static uint32_t
 tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 {
     uint32_t  i;
-    uint64_t  key, e;
+    uint64_t  key, h, e;
 
     key = (uint64_t) a << 20 | b;
+    h = key * 0x9e3779b97f4a7c15ULL;
 
-    for (i = (uint32_t) ((key * 0x9e3779b97f4a7c15ULL) >> 40) & enc->merge_mask;
+    /* most pairs do not merge: two bits of one word of the filter say so */
+
+    e = TK_MERGE_BITS(h);
+
+    if ((enc->merge_filter[h >> enc->merge_shift] & e) != e) {
+        return TK_NONE;
+    }
+
+    for (i = (uint32_t) (h >> 40) & enc->merge_mask;
          /* void */;
          i = (i + 1) & enc->merge_mask)
     {
@@ -439,11 +560,14 @@ static void
 tk_merge_put(tk_encoding_t *enc, uint32_t a, uint32_t b, uint32_t m)
 {
     uint32_t  i;
-    uint64_t  key;
+    uint64_t  key, h;
 
     key = (uint64_t) a << 20 | b;
+    h = key * 0x9e3779b97f4a7c15ULL;
 
-    for (i = (uint32_t) ((key * 0x9e3779b97f4a7c15ULL) >> 40) & enc->merge_mask;
+    enc->merge_filter[h >> enc->merge_shift] |= TK_MERGE_BITS(h);
+
+    for (i = (uint32_t) (h >> 40) & enc->merge_mask;
          enc->merge[i] != 0;
          i = (i + 1) & enc->merge_mask)
     {
@@ -599,13 +723,22 @@ tk_bpe_prepare(tk_encoding_t *enc)
     enc->merge_mask = size - 1;
     enc->merge = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
 
-    if (enc->merge == NULL) {
+    /* and a filter of 4 bits per slot, 8 to 16 per merge */
+
+    for (enc->merge_shift = 64, k = size / 16; k > 1; k >>= 1) {
+        enc->merge_shift--;
+    }
+
+    enc->merge_filter = tk_alloc(&enc->allocator, size / 16 * sizeof(uint64_t));
+
+    if (enc->merge == NULL || enc->merge_filter == NULL) {
         tk_free(&enc->allocator, reachable);
         return TK_ENOMEM;
     }
 
     memset(enc->merge, 0, size * sizeof(uint64_t));
-    enc->memory += size * sizeof(uint64_t);
+    memset(enc->merge_filter, 0, size / 16 * sizeof(uint64_t));
+    enc->memory += size * sizeof(uint64_t) + size / 16 * sizeof(uint64_t);
 
     for (id = 0; id < enc->nids; id++) {
         if (enc->split[2 * id] != id) {
@@ -718,5 +851,211 @@ tk_bpe_prepare(tk_encoding_t *enc)
                    + (enc->trie_mask + 1) * sizeof(uint64_t)
                    + enc->trie_nodes * sizeof(uint32_t);
 
+    return tk_chars_prepare(enc);
+}
+
+
+/*
+ * The parts that merging starts from for the characters of two and three
+ * bytes: the parts a character's bytes merge into alone, where that is
+ * provably what they merge into in a piece too.
+ *
+ * Let "max" be the highest rank of the merges of a character alone: while
+ * it has merges to come, one of its pairs has a rank up to max.  Suppose
+ * every part that is ever at its left edge, the last one too, merges with
+ * what can be on its left only into tokens of ranks above max, and so on
+ * the right.  Then in a piece no pair across the character's edges is the
+ * lowest before the character's own merges are done, its merges are those
+ * it makes alone, and every other merge sees the same pairs and makes the
+ * same choice as when the character starts from its own parts: merging
+ * from those gives the same tokens.
+ *
+ * What can be on a character's left is a token that ends with the byte
+ * before it, and on its right one that starts with the byte after it.
+ * That a character starts from its parts needs the condition against the
+ * tokens ending with a continuation byte on its left (another character
+ * of several bytes is there) and those starting with a lead byte on its
+ * right; TK_CHAR_LEFT and TK_CHAR_RIGHT say it holds against any token on
+ * that side.  Characters where it does not hold start from their bytes.
+ */
+
+static int
+tk_chars_prepare(tk_encoding_t *enc)
+{
+    size_t          k;
+    uint32_t        id, a, b, cp, *min;
+    unsigned char   u[3], c;
+
+    if (enc->nids > 0x100000) {
+        return TK_OK;
+    }
+
+    enc->chars = tk_alloc(&enc->allocator, 65536 * sizeof(uint64_t));
+    min = tk_alloc(&enc->allocator, 4 * enc->nids * sizeof(uint32_t));
+
+    if (enc->chars == NULL || min == NULL) {
+        tk_free(&enc->allocator, min);
+        return TK_ENOMEM;
+    }
+
+    memset(enc->chars, 0, 65536 * sizeof(uint64_t));
+    memset(min, 0xff, 4 * enc->nids * sizeof(uint32_t));
+
+    /*
+     * the lowest rank each token merges into with any token on its right,
+     * one starting with a lead byte, with any token on its left, and one
+     * ending with a continuation byte
+     */
+
+    for (id = 0; id < enc->nids; id++) {
+        a = enc->split[2 * id];
+        b = enc->split[2 * id + 1];
+
+        if (a == id) {
+            continue;
+        }
+
+        tk_char_min(&min[TK_CHAR_ANY_RIGHT * enc->nids + a], id);
+        tk_char_min(&min[TK_CHAR_ANY_LEFT * enc->nids + b], id);
+
+        c = enc->bytes[enc->offset[b]];
+
+        if (c >= 0xc0) {
+            tk_char_min(&min[TK_CHAR_LEAD_RIGHT * enc->nids + a], id);
+        }
+
+        c = enc->bytes[enc->offset[a + 1] - 1];
+
+        if ((c & 0xc0) == 0x80) {
+            tk_char_min(&min[TK_CHAR_CONT_LEFT * enc->nids + b], id);
+        }
+    }
+
+    for (cp = 0x80; cp < 0x10000; cp++) {
+        if (cp >= 0xd800 && cp <= 0xdfff) {
+            continue;
+        }
+
+        if (cp < 0x800) {
+            u[0] = (unsigned char) (0xc0 | cp >> 6);
+            u[1] = (unsigned char) (0x80 | (cp & 0x3f));
+            k = 2;
+
+        } else {
+            u[0] = (unsigned char) (0xe0 | cp >> 12);
+            u[1] = (unsigned char) (0x80 | (cp >> 6 & 0x3f));
+            u[2] = (unsigned char) (0x80 | (cp & 0x3f));
+            k = 3;
+        }
+
+        enc->chars[cp] = tk_char_parts(enc, u, k, min);
+    }
+
+    tk_free(&enc->allocator, min);
+
+    enc->memory += 65536 * sizeof(uint64_t);
+
     return TK_OK;
+}
+
+
+/*
+ * the parts of one character merged alone, as TK_CHAR_LEFT, TK_CHAR_RIGHT,
+ * the count and the ids (see tk_bpe_merge_ids()), or 0 when it starts from
+ * its bytes; where the condition above holds for its first merges only,
+ * the parts those make
+ */
+
+static uint64_t
+tk_char_parts(const tk_encoding_t *enc, const unsigned char *b, size_t k,
+    const uint32_t *min)
+{
+    size_t    i, m, min_i, side;
+    uint32_t  r, max, edge[4], id[3];
+    uint64_t  parts, best;
+
+    for (i = 0; i < k; i++) {
+        id[i] = enc->byte_rank[b[i]];
+    }
+
+    m = k;
+    max = 0;
+    best = 0;
+
+    for (side = 0; side < 4; side++) {
+        edge[side] = TK_NONE;
+    }
+
+    for ( ;; ) {
+
+        /* the parts at the edges now: a left one, and a right one */
+
+        for (side = 0; side < 4; side++) {
+            i = (side == TK_CHAR_ANY_LEFT || side == TK_CHAR_CONT_LEFT)
+                ? 0 : m - 1;
+
+            tk_char_min(&edge[side], min[side * enc->nids + id[i]]);
+        }
+
+        if (edge[TK_CHAR_CONT_LEFT] <= max
+            || edge[TK_CHAR_LEAD_RIGHT] <= max)
+        {
+            break;
+        }
+
+        if (m < k) {
+            parts = 0;
+
+            for (i = m; i > 0; i--) {
+                parts = parts << 20 | id[i - 1];
+            }
+
+            best = parts << 2 | m;
+
+            if (edge[TK_CHAR_ANY_LEFT] > max) {
+                best |= TK_CHAR_LEFT;
+            }
+
+            if (edge[TK_CHAR_ANY_RIGHT] > max) {
+                best |= TK_CHAR_RIGHT;
+            }
+        }
+
+        r = TK_NONE;
+        min_i = 0;
+
+        for (i = 0; i + 1 < m; i++) {
+            if (tk_pair(enc, id[i], id[i + 1]) < r) {
+                r = tk_pair(enc, id[i], id[i + 1]);
+                min_i = i;
+            }
+        }
+
+        if (r == TK_NONE) {
+            break;
+        }
+
+        if (r > max) {
+            max = r;
+        }
+
+        id[min_i] = r;
+
+        for (i = min_i + 1; i + 1 < m; i++) {
+            id[i] = id[i + 1];
+        }
+
+        m--;
+    }
+
+    return best;
+}
+
+
+static void
+tk_char_min(uint32_t *min, uint32_t rank)
+{
+    if (rank < *min) {
+        *min = rank;
+    }
 }

@@ -525,7 +525,9 @@ tk_encoding_free(tk_encoding_t *enc)
     tk_free(&a, enc->trie_token);
     tk_free(&a, enc->trie_edge);
     tk_free(&a, enc->merge);
+    tk_free(&a, enc->merge_filter);
     tk_free(&a, enc->trie2);
+    tk_free(&a, enc->chars);
     tk_free(&a, enc);
 }
 

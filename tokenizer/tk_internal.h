@@ -70,6 +70,11 @@ struct tk_encoding_s {
     uint32_t             *trie2;        /* the nodes of two bytes, 65536 */
     uint64_t             *merge;        /* (a << 20 | b) << 20 | token */
     uint32_t              merge_mask;
+    uint64_t             *merge_filter; /* two bits per pair, for misses */
+    uint32_t              merge_shift;
+
+    /* the parts merging starts from for the characters up to U+FFFF */
+    uint64_t             *chars;        /* 65536: ids << 2 | count */
 
     size_t                memory;
 };

@@ -200,11 +200,27 @@ static tk_ptr_t
 tk_skip_slow(tk_ptr_t p, tk_ptr_t end, unsigned in, unsigned out)
 {
     unsigned  cl;
+    uint32_t  c;
     tk_ptr_t  q;
 
     while (p < end) {
         q = p;
-        cl = tk_class(tk_utf8_next(&q, end));
+        c = *p;
+
+        /* three bytes, as CJK has them, inline: not overlong, no surrogate */
+
+        if ((c & 0xf0) == 0xe0 && end - p >= 3
+            && (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80
+            && (c != 0xe0 || p[1] >= 0xa0) && (c != 0xed || p[1] < 0xa0))
+        {
+            c = (c & 0x0f) << 12 | (p[1] & 0x3f) << 6 | (p[2] & 0x3f);
+            q += 3;
+
+        } else {
+            c = tk_utf8_next(&q, end);
+        }
+
+        cl = tk_class(c);
 
         if ((cl & in) == 0 || (cl & out) != 0) {
             return p;

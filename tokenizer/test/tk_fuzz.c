@@ -16,6 +16,11 @@
  *   tk_bpe_merge(), tiktoken's merge loop, for pieces up to 4096 bytes;
  *   the ids of the pieces, one after another, are those of the text.
  *
+ * The same checks run on a second text made of the input: characters of
+ * the scripts that merge from their characters' parts rather than from
+ * bytes (CJK, kana, Hangul, two-byte letters, the whole BMP) among ASCII,
+ * emoji and stray bytes, two bytes of input to one character.
+ *
  * The vocabularies are read from $TK_FUZZ_DATA, "data" by default.
  */
 
@@ -42,6 +47,10 @@ typedef struct {
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+static void tk_fuzz_text(const tk_fuzz_encoding_t *e, unsigned seed,
+    const unsigned char *text, size_t len);
+static size_t tk_fuzz_characters(const unsigned char *data, size_t len,
+    unsigned char *out);
 static void tk_fuzz_fail(const tk_fuzz_encoding_t *e, const char *fmt,
     long long a, long long b);
 static void *tk_fuzz_alloc(size_t size);
@@ -94,11 +103,8 @@ int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     size_t                     len;
-    int64_t                    n, count, m;
     unsigned                   seed;
-    uint32_t                  *ids;
-    unsigned char             *back;
-    const unsigned char       *text;
+    unsigned char             *chars;
     const tk_fuzz_encoding_t  *e;
 
     if (size == 0) {
@@ -108,8 +114,26 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     e = &tk_fuzz_encodings[data[0] % TK_FUZZ_NENC];
     seed = data[0] / TK_FUZZ_NENC;
 
-    text = data + 1;
-    len = size - 1;
+    tk_fuzz_text(e, seed, data + 1, size - 1);
+
+    chars = tk_fuzz_alloc(2 * size + 4);
+    len = tk_fuzz_characters(data + 1, size - 1, chars);
+
+    tk_fuzz_text(e, seed, chars, len);
+
+    free(chars);
+
+    return 0;
+}
+
+
+static void
+tk_fuzz_text(const tk_fuzz_encoding_t *e, unsigned seed,
+    const unsigned char *text, size_t len)
+{
+    int64_t         n, count, m;
+    uint32_t       *ids;
+    unsigned char  *back;
 
     /* every token has at least one byte: len ids are enough */
 
@@ -147,8 +171,89 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     free(ids);
     free(back);
+}
 
-    return 0;
+
+/*
+ * a character for every two bytes of data, in UTF-8, at most four bytes
+ * each: the top three bits of the first byte choose the kind
+ */
+
+static size_t
+tk_fuzz_characters(const unsigned char *data, size_t len, unsigned char *out)
+{
+    size_t          i, n;
+    uint32_t        x, y, cp;
+    unsigned char  *p;
+
+    static const char  ascii[] = " \n.,!'-\tabcXYZ019";
+
+    p = out;
+
+    for (i = 0; i + 1 < len; i += 2) {
+        x = data[i];
+        y = data[i + 1];
+        n = (x & 0x1f) << 8 | y;
+
+        switch (x >> 5) {
+
+        case 0:
+            *p++ = ascii[y % (sizeof(ascii) - 1)];
+            continue;
+
+        case 1:
+            cp = 0x80 + n % 0x780;
+            break;
+
+        case 2:
+            cp = 0x3000 + n % 0x100;
+            break;
+
+        case 3:
+        case 4:
+            cp = 0x4e00 + ((x & 0x3f) << 8 | y) % 0x5200;
+            break;
+
+        case 5:
+            cp = 0xac00 + n % 11172;
+            break;
+
+        case 6:
+            cp = 0x800 + (n * 7) % 0xf800;
+
+            if (cp >= 0xd800 && cp <= 0xdfff) {
+                cp = 0xfffd;
+            }
+
+            break;
+
+        default:
+            if (y & 1) {
+                cp = 0x1f300 + y;
+                break;
+            }
+
+            *p++ = (unsigned char) (x << 3 | y >> 5);
+            continue;
+        }
+
+        if (cp < 0x800) {
+            *p++ = (unsigned char) (0xc0 | cp >> 6);
+
+        } else if (cp < 0x10000) {
+            *p++ = (unsigned char) (0xe0 | cp >> 12);
+            *p++ = (unsigned char) (0x80 | (cp >> 6 & 0x3f));
+
+        } else {
+            *p++ = (unsigned char) (0xf0 | cp >> 18);
+            *p++ = (unsigned char) (0x80 | (cp >> 12 & 0x3f));
+            *p++ = (unsigned char) (0x80 | (cp >> 6 & 0x3f));
+        }
+
+        *p++ = (unsigned char) (0x80 | (cp & 0x3f));
+    }
+
+    return p - out;
 }
 
 
