@@ -248,13 +248,15 @@ ngx_http_tb_text(ngx_http_tb_count_t *c, u_char *p, size_t len, uint64_t *n)
 
 /*
  * A 64-bit hash of a string, with a key drawn when the worker starts, so
- * that strings cannot be made to collide from outside.
+ * that strings cannot be made to collide from outside.  Four lanes take
+ * 32 bytes at a time, each independent of the others, so that the
+ * multiplications overlap.
  */
 
 static uint64_t
 ngx_http_tb_hash(u_char *p, size_t len)
 {
-    uint64_t  h, w;
+    uint64_t  h, h1, h2, h3, w, w1, w2, w3;
 
     if (ngx_http_tb_hash_key == 0) {
         ngx_http_tb_hash_key = ((uint64_t) ngx_random() << 32 | ngx_random())
@@ -262,6 +264,40 @@ ngx_http_tb_hash(u_char *p, size_t len)
     }
 
     h = ngx_http_tb_hash_key ^ (len * 0x9e3779b97f4a7c15ULL);
+
+    if (len >= 32) {
+        h1 = h ^ 0x243f6a8885a308d3ULL;
+        h2 = h ^ 0x13198a2e03707344ULL;
+        h3 = h ^ 0xa4093822299f31d0ULL;
+
+        do {
+            ngx_memcpy(&w, p, 8);
+            ngx_memcpy(&w1, p + 8, 8);
+            ngx_memcpy(&w2, p + 16, 8);
+            ngx_memcpy(&w3, p + 24, 8);
+
+            h = (h ^ w) * 0xbf58476d1ce4e5b9ULL;
+            h1 = (h1 ^ w1) * 0xbf58476d1ce4e5b9ULL;
+            h2 = (h2 ^ w2) * 0xbf58476d1ce4e5b9ULL;
+            h3 = (h3 ^ w3) * 0xbf58476d1ce4e5b9ULL;
+
+            h ^= h >> 29;
+            h1 ^= h1 >> 29;
+            h2 ^= h2 >> 29;
+            h3 ^= h3 >> 29;
+
+            p += 32;
+            len -= 32;
+
+        } while (len >= 32);
+
+        h = (h ^ h1) * 0x94d049bb133111ebULL;
+        h ^= h >> 31;
+        h = (h ^ h2) * 0x94d049bb133111ebULL;
+        h ^= h >> 31;
+        h = (h ^ h3) * 0x94d049bb133111ebULL;
+        h ^= h >> 31;
+    }
 
     while (len >= 8) {
         ngx_memcpy(&w, p, 8);
