@@ -65,6 +65,9 @@ static int ngx_http_tb_usage_key(void *data, const unsigned char *s,
     size_t len);
 static int ngx_http_tb_usage_end(void *data);
 static void ngx_http_tb_usage_cleanup(void *data);
+static void *ngx_http_tb_usage_malloc(void *ctx, size_t size);
+static void *ngx_http_tb_usage_realloc(void *ctx, void *p, size_t size);
+static void ngx_http_tb_usage_free(void *ctx, void *p);
 
 
 static yajl_callbacks  ngx_http_tb_usage_callbacks = {
@@ -117,7 +120,24 @@ ngx_http_tb_usage_init(ngx_pool_t *pool, ngx_http_tb_usage_t *u,
 static ngx_int_t
 ngx_http_tb_usage_open(ngx_http_tb_usage_t *u)
 {
-    u->handle = yajl_alloc(&ngx_http_tb_usage_callbacks, NULL, u);
+    yajl_alloc_funcs  af, *afp;
+
+    /*
+     * a response's one document is parsed in the request pool; the
+     * events of a stream, a handle each, in memory given back as they end
+     */
+
+    afp = NULL;
+
+    if (!u->sse) {
+        af.malloc = ngx_http_tb_usage_malloc;
+        af.realloc = ngx_http_tb_usage_realloc;
+        af.free = ngx_http_tb_usage_free;
+        af.ctx = u->pool;
+        afp = &af;
+    }
+
+    u->handle = yajl_alloc(&ngx_http_tb_usage_callbacks, afp, u);
     if (u->handle == NULL) {
         return NGX_ERROR;
     }
@@ -674,4 +694,53 @@ ngx_http_tb_usage_counted(ngx_http_tb_usage_t *u, uint64_t *output)
     *output = (uint64_t) n;
 
     return NGX_OK;
+}
+
+
+/* yajl's memory in the pool: each block after its size */
+
+static void *
+ngx_http_tb_usage_malloc(void *ctx, size_t size)
+{
+    size_t  *p;
+
+    p = ngx_palloc(ctx, sizeof(size_t) + size);
+    if (p == NULL) {
+        return NULL;
+    }
+
+    *p = size;
+
+    return p + 1;
+}
+
+
+static void *
+ngx_http_tb_usage_realloc(void *ctx, void *p, size_t size)
+{
+    void    *n;
+    size_t  *old;
+
+    n = ngx_http_tb_usage_malloc(ctx, size);
+
+    if (n == NULL || p == NULL) {
+        return n;
+    }
+
+    old = (size_t *) p - 1;
+
+    ngx_memcpy(n, p, ngx_min(*old, size));
+    ngx_pfree(ctx, old);
+
+    return n;
+}
+
+
+static void
+ngx_http_tb_usage_free(void *ctx, void *p)
+{
+    if (p != NULL) {
+        /* a large block goes back now, a small one with the pool */
+        ngx_pfree(ctx, (size_t *) p - 1);
+    }
 }
