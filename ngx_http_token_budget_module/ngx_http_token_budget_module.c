@@ -2858,15 +2858,10 @@ ngx_http_tb_set_header(ngx_http_request_t *r, ngx_str_t *name,
     ngx_str_t *value)
 {
     ngx_uint_t        i, found;
-    ngx_list_t        list;
-    ngx_list_part_t  *part;
+    ngx_list_part_t  *part, old;
     ngx_table_elt_t  *h, *nh;
 
-    if (ngx_list_init(&list, r->pool, 20, sizeof(ngx_table_elt_t))
-        != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
+    /* the list is made anew only when the client sent the header */
 
     found = 0;
     part = &r->headers_in.headers.part;
@@ -2888,23 +2883,57 @@ ngx_http_tb_set_header(ngx_http_request_t *r, ngx_str_t *name,
             && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
         {
             found = 1;
-            continue;
+            break;
         }
-
-        nh = ngx_list_push(&list);
-        if (nh == NULL) {
-            return NGX_ERROR;
-        }
-
-        *nh = h[i];
     }
 
     if (!found && value->len == 0) {
         return NGX_OK;
     }
 
+    if (found) {
+        old = r->headers_in.headers.part;
+
+        if (ngx_list_init(&r->headers_in.headers, r->pool, 20,
+                          sizeof(ngx_table_elt_t))
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        part = &old;
+        h = part->elts;
+
+        for (i = 0; /* void */; i++) {
+
+            if (i >= part->nelts) {
+                if (part->next == NULL) {
+                    break;
+                }
+
+                part = part->next;
+                h = part->elts;
+                i = 0;
+            }
+
+            if (h[i].key.len == name->len
+                && ngx_strncasecmp(h[i].key.data, name->data, name->len)
+                   == 0)
+            {
+                continue;
+            }
+
+            nh = ngx_list_push(&r->headers_in.headers);
+            if (nh == NULL) {
+                return NGX_ERROR;
+            }
+
+            *nh = h[i];
+        }
+    }
+
     if (value->len) {
-        nh = ngx_list_push(&list);
+        nh = ngx_list_push(&r->headers_in.headers);
         if (nh == NULL) {
             return NGX_ERROR;
         }
@@ -2920,8 +2949,6 @@ ngx_http_tb_set_header(ngx_http_request_t *r, ngx_str_t *name,
         ngx_strlow(nh->lowcase_key, name->data, name->len);
         nh->hash = ngx_hash_key(nh->lowcase_key, name->len);
     }
-
-    r->headers_in.headers = list;
 
     return NGX_OK;
 }
