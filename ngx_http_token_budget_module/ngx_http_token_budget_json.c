@@ -29,6 +29,8 @@ typedef struct {
     ngx_str_t                    key;
     ngx_uint_t                   has_key;
     const char                  *error;
+    void                        *handle;    /* yajl_handle */
+    size_t                       end;       /* of the root, once closed */
 } ngx_http_tb_json_ctx_t;
 
 
@@ -100,6 +102,8 @@ ngx_http_tb_json_parse(ngx_pool_t *pool, u_char *data, size_t len,
         return NGX_ERROR;
     }
 
+    ctx->handle = h;
+
     /* every string and key is checked as strict UTF-8 here, faster */
 
     yajl_config(h, yajl_dont_validate_strings, 1);
@@ -111,6 +115,25 @@ ngx_http_tb_json_parse(ngx_pool_t *pool, u_char *data, size_t len,
     if (st == yajl_status_ok) {
         st = yajl_complete_parse(h);
         truncated = 1;
+    }
+
+    if (st == yajl_status_ok && ctx->end) {
+
+        /*
+         * yajl lets the end of a document be followed by a token it has
+         * not finished, "x or tru: only white space may follow
+         */
+
+        for (at = ctx->end; at < len; at++) {
+            if (data[at] != ' ' && data[at] != '\t' && data[at] != '\n'
+                && data[at] != '\r' && data[at] != '\v' && data[at] != '\f')
+            {
+                yajl_free(h);
+                ngx_str_set(err, "the body is not valid JSON "
+                                 "(data after the end)");
+                return NGX_DECLINED;
+            }
+        }
     }
 
     if (st != yajl_status_ok) {
@@ -365,6 +388,11 @@ ngx_http_tb_json_end(void *data)
 
     ctx->depth--;
     v = ctx->stack[ctx->depth];
+
+    if (ctx->depth == 0) {
+        /* yajl's offset is past the token that closed the root */
+        ctx->end = yajl_get_bytes_consumed(ctx->handle);
+    }
 
     if (v->type == NGX_HTTP_TB_JSON_OBJECT && v->n > 1) {
         if (ngx_http_tb_json_unique(ctx, v) != NGX_OK) {
