@@ -718,12 +718,12 @@ ngx_http_tb_json_surrogates(u_char *p, size_t len)
 
     end = p + len;
 
-    p = ngx_strlchr(p, end, '\\');
+    p = memchr(p, '\\', end - p);
 
     while (p != NULL && end - p >= 2) {
 
         if (p[1] != 'u') {
-            p = ngx_strlchr(p + 2, end, '\\');
+            p = memchr(p + 2, '\\', end - p - 2);
             continue;
         }
 
@@ -751,7 +751,7 @@ ngx_http_tb_json_surrogates(u_char *p, size_t len)
             p += 6;
         }
 
-        p = ngx_strlchr(p + 6, end, '\\');
+        p = (end - p > 6) ? memchr(p + 6, '\\', end - p - 6) : NULL;
     }
 
     return NGX_OK;
