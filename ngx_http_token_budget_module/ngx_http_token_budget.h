@@ -276,6 +276,7 @@ typedef struct {
 
     /* Redis */
     ngx_queue_t                  dirty;
+    ngx_queue_t                  settles;   /* left by exiting workers */
     uint64_t                     host;      /* names this host's deltas */
     uint64_t                     seq;
     int64_t                      clock;     /* Redis' clock less ours */

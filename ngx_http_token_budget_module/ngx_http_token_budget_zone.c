@@ -75,10 +75,25 @@ static void ngx_http_tb_zone_release(ngx_http_tb_zone_t *zone,
 static void ngx_http_tb_zone_settle_handler(ngx_http_tb_redis_cmd_t *cmd,
     ngx_http_tb_redis_reply_t *reply);
 static void ngx_http_tb_zone_settle_abandon(ngx_http_tb_redis_cmd_t *cmd);
+static void ngx_http_tb_zone_unpark(ngx_http_tb_zone_t *zone);
 static void ngx_http_tb_zone_sync_handler(ngx_event_t *ev);
 static void ngx_http_tb_zone_synced(ngx_http_tb_redis_cmd_t *cmd,
     ngx_http_tb_redis_reply_t *reply);
 static ngx_uint_t ngx_http_tb_zone_fallback(ngx_http_tb_zone_t *zone);
+
+
+#define NGX_HTTP_TB_SYNC_BATCH          1024
+
+
+/* a settle an exiting worker could not send, for another to send */
+
+typedef struct {
+    ngx_queue_t                  queue;
+    uint64_t                     id;
+    int64_t                      spent;
+    size_t                       len;
+    u_char                       key[1];
+} ngx_http_tb_parked_t;
 
 
 /* the key's bytes and what a command needs of its reservation */
@@ -282,6 +297,7 @@ ngx_http_tb_zone_init(ngx_shm_zone_t *shm_zone, void *data)
 
     ngx_queue_init(&zone->sh->queue);
     ngx_queue_init(&zone->sh->dirty);
+    ngx_queue_init(&zone->sh->settles);
 
     zone->sh->host = ((uint64_t) ngx_random() << 32 ^ ngx_random()
                       ^ (uint64_t) ngx_time() << 20 ^ ngx_pid);
@@ -1421,7 +1437,11 @@ ngx_http_tb_zone_settle_handler(ngx_http_tb_redis_cmd_t *cmd,
 }
 
 
-/* a worker exits with a settle Redis has not seen: kept as a delta */
+/*
+ * a worker exits with a settle Redis may not have seen: it is kept in the
+ * zone, and another worker sends it, by the same reservation, so that
+ * Redis applies it once
+ */
 
 static void
 ngx_http_tb_zone_settle_abandon(ngx_http_tb_redis_cmd_t *cmd)
@@ -1429,12 +1449,14 @@ ngx_http_tb_zone_settle_abandon(ngx_http_tb_redis_cmd_t *cmd)
     ngx_str_t                  key;
     ngx_http_tb_node_t        *node;
     ngx_http_tb_zone_t        *zone;
+    ngx_http_tb_parked_t      *pk;
     ngx_http_tb_zone_extra_t  *x;
 
     x = ngx_http_tb_zone_extra(cmd);
     zone = x->zone;
 
     if (x->amount == 0) {
+        /* a release: the reservation expires by itself */
         return;
     }
 
@@ -1442,6 +1464,23 @@ ngx_http_tb_zone_settle_abandon(ngx_http_tb_redis_cmd_t *cmd)
     key.len = x->len;
 
     ngx_shmtx_lock(&zone->shpool->mutex);
+
+    pk = ngx_slab_alloc_locked(zone->shpool,
+                               offsetof(ngx_http_tb_parked_t, key) + key.len);
+
+    if (pk) {
+        pk->id = x->id;
+        pk->spent = x->amount;
+        pk->len = key.len;
+        ngx_memcpy(pk->key, key.data, key.len);
+
+        ngx_queue_insert_tail(&zone->sh->settles, &pk->queue);
+
+        ngx_shmtx_unlock(&zone->shpool->mutex);
+        return;
+    }
+
+    /* no room: a delta, counted again if Redis had seen the settle */
 
     node = ngx_http_tb_zone_get(zone, &key, ngx_http_tb_zone_clock(zone));
 
@@ -1456,6 +1495,44 @@ ngx_http_tb_zone_settle_abandon(ngx_http_tb_redis_cmd_t *cmd)
                       "token budget: %L tokens spent in token_budget_zone "
                       "\"%V\" are lost: the zone is full", x->amount,
                       &zone->shm_zone->shm.name);
+    }
+}
+
+
+/* sends the settles exiting workers left */
+
+static void
+ngx_http_tb_zone_unpark(ngx_http_tb_zone_t *zone)
+{
+    ngx_str_t              key;
+    ngx_uint_t             n;
+    ngx_queue_t           *q;
+    ngx_http_tb_parked_t  *pk;
+
+    for (n = 0; n < NGX_HTTP_TB_SYNC_BATCH; n++) {
+
+        ngx_shmtx_lock(&zone->shpool->mutex);
+
+        if (ngx_queue_empty(&zone->sh->settles)) {
+            ngx_shmtx_unlock(&zone->shpool->mutex);
+            return;
+        }
+
+        q = ngx_queue_head(&zone->sh->settles);
+        ngx_queue_remove(q);
+
+        ngx_shmtx_unlock(&zone->shpool->mutex);
+
+        pk = ngx_queue_data(q, ngx_http_tb_parked_t, queue);
+
+        key.data = pk->key;
+        key.len = pk->len;
+
+        ngx_http_tb_zone_release(zone, &key, pk->id, pk->spent);
+
+        ngx_shmtx_lock(&zone->shpool->mutex);
+        ngx_slab_free_locked(zone->shpool, pk);
+        ngx_shmtx_unlock(&zone->shpool->mutex);
     }
 }
 
@@ -1492,8 +1569,6 @@ ngx_http_tb_zone_exit_process(ngx_http_tb_zone_t *zone)
  * on the dirty queue; in batched mode they also learn what the fleet spent
  */
 
-#define NGX_HTTP_TB_SYNC_BATCH          1024
-
 
 static void
 ngx_http_tb_zone_sync_handler(ngx_event_t *ev)
@@ -1520,6 +1595,8 @@ ngx_http_tb_zone_sync_handler(ngx_event_t *ev)
     if (zone->redis->state != NGX_HTTP_TB_REDIS_UP) {
         return;
     }
+
+    ngx_http_tb_zone_unpark(zone);
 
     now = ngx_current_msec;
     n = 0;
