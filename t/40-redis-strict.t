@@ -4,7 +4,7 @@
 
 # Budgets shared by three nginx hosts through a real redis-server, in
 # strict mode: every admission is one round trip to Redis.  Under
-# concurrent load on all hosts at once, the fleet never admits more than
+# concurrent load on three hosts, then two, the fleet never admits more than
 # the budget; what the upstream reports settles exactly once; a host that
 # dies leaves reservations that expire by themselves; Redis' script cache
 # emptied (SCRIPT FLUSH) is refilled by EVAL; Retry-After is computed for
@@ -124,6 +124,18 @@ my $s = $redis->state('fleet', 'alice');
 is($s->{c}, 2000, 'redis holds exactly what the upstream reported');
 is($s->{r}, 0, 'no reservation left');
 is($redis->cli('ZCARD', 'tb:{fleet:alice}:r'), 0, 'reservation set empty');
+
+# two hosts: 60 clients, 30 on each
+
+@r = TBRedis::parallel(map {
+    request($hosts[$_ % 2], '/fleet/chat/completions', 'erin',
+            'delay=1500 usage=9,41')
+} 0 .. 59);
+
+is(scalar(grep { $_->{status} == 200 } @r), 40,
+   'two hosts admitted what the budget holds, no more');
+is(scalar(grep { $_->{status} == 429 } @r), 20, 'two hosts refused the rest');
+is($redis->state('fleet', 'erin')->{c}, 2000, 'two hosts: settled exactly');
 
 # what the upstream reports replaces the reservation: 9 + 11 = 20 each
 
