@@ -138,10 +138,22 @@ END
 trap '"$nginx" -p "$dir/" -c "$dir/nginx.conf" -s quit 2>/dev/null || true' EXIT
 sleep 1
 
+# the worker's CPU time, in clock ticks: steadier than requests/s on a
+# machine shared with other work
+
+cpu() {
+    awk '{ print $14 + $15 }' /proc/$(pgrep -P "$(cat "$dir/nginx.pid")" \
+                                      | head -1)/stat
+}
+
 rps() {
+    t0=$(cpu)
     TB_BODY=$dir/$2.json wrk -t1 -c"$3" -d"${secs}s" -s "$dir/post.lua" \
         "http://127.0.0.1:$port/$1/v1/chat/completions" > "$dir/wrk.out"
-    awk '/Requests\/sec/ { print $2 }' "$dir/wrk.out"
+    t1=$(cpu)
+    awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v s="$secs" \
+        '/Requests\/sec/ { printf "%s %.1f\n", $2, t * 1e6 / hz / ($2 * s) }' \
+        "$dir/wrk.out"
 }
 
 latency() {
@@ -163,16 +175,22 @@ off=$(rps off small 16)
 nocache=$(rps nocache small 16)
 limited=$(rps limited small 16)
 
-echo "4 KB chat body, 16 connections, $secs s each:"
-echo "  module off:               $off requests/s"
-echo "  module on:                $on requests/s"
-echo "  module on, no count cache: $nocache requests/s"
-echo "  module on, two limits:    $limited requests/s (1000 users, 1 tenant)"
-awk -v on="$on" -v off="$off" -v lim="$limited" \
-    -v nc="$nocache" \
-    'BEGIN { printf "  on / off:                 %.1f%%\n", 100 * on / off;
-             printf "  no cache / off:           %.1f%%\n", 100 * nc / off;
-             printf "  two limits / off:         %.1f%%\n", 100 * lim / off }'
+echo "4 KB chat body, 16 connections, $secs s each" \
+     "(requests/s, and the worker's CPU time per request):"
+echo "  module off:               ${off% *} requests/s, ${off#* } us"
+echo "  module on:                ${on% *} requests/s, ${on#* } us"
+echo "  module on, no count cache: ${nocache% *} requests/s, ${nocache#* } us"
+echo "  module on, two limits:    ${limited% *} requests/s," \
+     "${limited#* } us (1000 users, 1 tenant)"
+awk -v on="${on% *}" -v off="${off% *}" -v lim="${limited% *}" \
+    -v nc="${nocache% *}" -v con="${on#* }" -v coff="${off#* }" \
+    -v clim="${limited#* }" -v cnc="${nocache#* }" \
+    'BEGIN { printf "  on / off:                 %.1f%% (by CPU time %.1f%%)\n",
+                    100 * on / off, 100 * coff / con;
+             printf "  no cache / off:           %.1f%% (by CPU time %.1f%%)\n",
+                    100 * nc / off, 100 * coff / cnc;
+             printf "  two limits / off:         %.1f%% (by CPU time %.1f%%)\n",
+                    100 * lim / off, 100 * coff / clim }'
 
 # memory per key: free slab pages before and after 20000 new keys
 
