@@ -63,9 +63,9 @@ struct tk_encoding_s {
     /* the linear time encoder for long pieces */
     uint32_t             *split;        /* nids * 2: the last merge */
     uint32_t             *next_prefix;  /* the longest shorter prefix */
-    uint32_t             *trie_token;   /* per trie node */
-    uint64_t             *trie_edge;    /* (node << 8 | byte) + 1, child */
+    uint64_t             *trie;         /* a node per slot, see tk_bpe.c */
     uint32_t              trie_mask;
+    uint32_t              trie_shift;
     uint32_t              trie_nodes;
     uint32_t             *trie2;        /* the nodes of two bytes, 65536 */
     uint64_t             *merge;        /* (a << 20 | b) << 20 | token */
