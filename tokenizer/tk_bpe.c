@@ -76,7 +76,7 @@ static int tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p,
 static int tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, tk_out_t *out);
 static uint32_t tk_longest(const tk_encoding_t *enc, const unsigned char *p,
-    size_t n);
+    size_t n, size_t *len);
 static void tk_longest_prefetch(const tk_encoding_t *enc,
     const unsigned char *p);
 static int tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
@@ -413,7 +413,7 @@ static int
 tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     tk_out_t *out)
 {
-    size_t     pos, end, top, i;
+    size_t     pos, end, len, top, i;
     uint32_t   t, last, *tokens;
     uint64_t  *dead;
 
@@ -428,12 +428,12 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
     pos = 0;
     top = 0;
-    t = tk_longest(enc, p, n);
+    t = tk_longest(enc, p, n, &len);
 
     for ( ;; ) {
         last = top ? tokens[top - 1] : TK_NONE;
 
-        end = pos + tk_token_len(enc, t);
+        end = pos + len;
 
         if (end + 4 <= n) {
             tk_longest_prefetch(enc, p + end);
@@ -449,13 +449,15 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
                 break;
             }
 
-            t = tk_longest(enc, p + pos, n - pos);
+            t = tk_longest(enc, p + pos, n - pos, &len);
             continue;
         }
 
-        t = enc->next_prefix[t];
+        len = enc->tokens[t].prefix_len;
+        t = enc->tokens[t].prefix;
 
         if (t != TK_NONE) {
+            tk_prefetch(&enc->tokens[t]);
             continue;
         }
 
@@ -469,7 +471,8 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
         dead[pos >> 6] |= 1ULL << (pos & 63);
         top--;
-        pos -= tk_token_len(enc, last);
+        len = enc->tokens[last].len;
+        pos -= len;
         t = last;
     }
 
@@ -489,13 +492,15 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
 
 static uint32_t
-tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n)
+tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n,
+    size_t *len)
 {
     size_t    i;
     uint32_t  node, best;
     uint64_t  h, next, e;
 
     best = enc->byte_rank[p[0]];
+    *len = 1;
 
     if (n == 1) {
         return best;
@@ -519,6 +524,7 @@ tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n)
 
     if ((e & TK_TRIE_TOKEN) != 0) {
         best = (uint32_t) (e & TK_TRIE_TOKEN) - 1;
+        *len = 2;
     }
 
     for (i = 2; i < n; i++) {
@@ -538,10 +544,15 @@ tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n)
 
         if ((e & TK_TRIE_TOKEN) != 0) {
             best = (uint32_t) (e & TK_TRIE_TOKEN) - 1;
+            *len = i + 1;
         }
 
         h = next;
     }
+
+    /* what checking the token needs, while the next one is looked for */
+
+    tk_prefetch(&enc->tokens[best]);
 
     return best;
 }
@@ -584,11 +595,11 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 
         if (a > b) {
             limit = a;
-            a = enc->split[2 * a + 1];
+            a = enc->tokens[a].right;
 
             if (a == limit) {
                 limit = b + 1;
-                b = enc->split[2 * b];
+                b = enc->tokens[b].left;
 
                 if (b + 1 == limit) {
                     return 1;
@@ -597,11 +608,11 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 
         } else {
             limit = b + 1;
-            b = enc->split[2 * b];
+            b = enc->tokens[b].left;
 
             if (b + 1 == limit) {
                 limit = a;
-                a = enc->split[2 * a + 1];
+                a = enc->tokens[a].right;
 
                 if (a == limit) {
                     return 1;
@@ -752,12 +763,10 @@ tk_bpe_prepare(tk_encoding_t *enc)
     tk_out_t        out;
     const uint8_t  *p;
 
-    enc->split = tk_alloc(&enc->allocator, 2 * enc->nids * sizeof(uint32_t));
-    enc->next_prefix = tk_alloc(&enc->allocator,
-                                enc->nids * sizeof(uint32_t));
+    enc->tokens = tk_alloc(&enc->allocator, enc->nids * sizeof(tk_token_t));
     reachable = tk_alloc(&enc->allocator, enc->nids * sizeof(uint32_t));
 
-    if (enc->split == NULL || enc->next_prefix == NULL || reachable == NULL) {
+    if (enc->tokens == NULL || reachable == NULL) {
         tk_free(&enc->allocator, reachable);
         return TK_ENOMEM;
     }
@@ -765,9 +774,11 @@ tk_bpe_prepare(tk_encoding_t *enc)
     total = 1;
 
     for (id = 0; id < enc->nids; id++) {
-        enc->split[2 * id] = id;
-        enc->split[2 * id + 1] = id;
-        enc->next_prefix[id] = TK_NONE;
+        enc->tokens[id].left = id;
+        enc->tokens[id].right = id;
+        enc->tokens[id].prefix = TK_NONE;
+        enc->tokens[id].len = (uint16_t) tk_token_len(enc, id);
+        enc->tokens[id].prefix_len = 0;
         reachable[id] = 0;
 
         if (!enc->present[id]) {
@@ -796,8 +807,8 @@ tk_bpe_prepare(tk_encoding_t *enc)
         }
 
         if (out.n == 1 && split[0] != TK_NONE && split[1] != TK_NONE) {
-            enc->split[2 * id] = split[0];
-            enc->split[2 * id + 1] = split[1];
+            enc->tokens[id].left = split[0];
+            enc->tokens[id].right = split[1];
             reachable[id] = 1;
             total += n;
         }
@@ -830,8 +841,8 @@ tk_bpe_prepare(tk_encoding_t *enc)
     enc->memory += size * sizeof(uint64_t) + size / 16 * sizeof(uint64_t);
 
     for (id = 0; id < enc->nids; id++) {
-        if (enc->split[2 * id] != id) {
-            tk_merge_put(enc, enc->split[2 * id], enc->split[2 * id + 1], id);
+        if (enc->tokens[id].left != id) {
+            tk_merge_put(enc, enc->tokens[id].left, enc->tokens[id].right, id);
         }
     }
 
@@ -881,7 +892,7 @@ tk_bpe_prepare(tk_encoding_t *enc)
     enc->memory += 65536 * sizeof(uint32_t);
 
     for (id = 0; id < enc->nids; id++) {
-        if (enc->split[2 * id] == id && tk_token_len(enc, id) != 1) {
+        if (enc->tokens[id].left == id && tk_token_len(enc, id) != 1) {
             /* a token that merging never makes */
             continue;
         }
@@ -901,10 +912,14 @@ tk_bpe_prepare(tk_encoding_t *enc)
             }
         }
 
-        enc->next_prefix[id] = best;
+        enc->tokens[id].prefix = best;
+
+        if (best != TK_NONE) {
+            enc->tokens[id].prefix_len = enc->tokens[best].len;
+        }
     }
 
-    enc->memory += 3 * enc->nids * sizeof(uint32_t)
+    enc->memory += enc->nids * sizeof(tk_token_t)
                    + (enc->trie_mask + 1) * sizeof(uint64_t);
 
     return tk_chars_prepare(enc);
@@ -964,8 +979,8 @@ tk_chars_prepare(tk_encoding_t *enc)
      */
 
     for (id = 0; id < enc->nids; id++) {
-        a = enc->split[2 * id];
-        b = enc->split[2 * id + 1];
+        a = enc->tokens[id].left;
+        b = enc->tokens[id].right;
 
         if (a == id) {
             continue;

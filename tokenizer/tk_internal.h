@@ -39,6 +39,22 @@ typedef struct {
 #define tk_slot_len(s)   ((s)->id_len & 0xfff)
 
 
+/*
+ * what backtracking needs of a token, in one place: the two parts of
+ * the merge that makes it (the token itself twice for a token that
+ * merging does not make), its longest shorter prefix that merging makes,
+ * or TK_NONE, its length and that of the prefix
+ */
+
+typedef struct {
+    uint32_t              left;
+    uint32_t              right;
+    uint32_t              prefix;
+    uint16_t              len;
+    uint16_t              prefix_len;
+} tk_token_t;
+
+
 struct tk_encoding_s {
     tk_pattern_e          pattern;
     tk_allocator_t        allocator;
@@ -61,8 +77,7 @@ struct tk_encoding_s {
     uint32_t              byte_rank[256];
 
     /* the linear time encoder for long pieces */
-    uint32_t             *split;        /* nids * 2: the last merge */
-    uint32_t             *next_prefix;  /* the longest shorter prefix */
+    tk_token_t           *tokens;       /* nids */
     uint64_t             *trie;         /* a node per slot, see tk_bpe.c */
     uint32_t              trie_mask;
     uint32_t              trie_shift;
