@@ -628,7 +628,7 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
  * own last merge, so the pairs are those of the tokens' splits
  */
 
-static uint32_t
+tk_inline uint32_t
 tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 {
     uint32_t  i;
