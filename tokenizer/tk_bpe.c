@@ -585,7 +585,12 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
     limit = TK_NONE;
 
     for ( ;; ) {
-        m = tk_pair(enc, a, b);
+        if ((a | b) < 256 && enc->byte_ids) {
+            m = enc->pair_rank[enc->id_byte[a] << 8 | enc->id_byte[b]];
+
+        } else {
+            m = tk_pair(enc, a, b);
+        }
 
         if (m != TK_NONE && m < limit) {
             return 0;
@@ -844,6 +849,30 @@ tk_bpe_prepare(tk_encoding_t *enc)
         if (enc->tokens[id].left != id) {
             tk_merge_put(enc, enc->tokens[id].left, enc->tokens[id].right, id);
         }
+    }
+
+    /*
+     * where ids 0 to 255 are the bytes, as in tiktoken's vocabularies,
+     * the merges of two of them are those pair_rank gives for their bytes
+     */
+
+    enc->byte_ids = 1;
+
+    for (k = 0; k < 256 && enc->byte_ids; k++) {
+        id = enc->byte_rank[k];
+
+        if (id < 256) {
+            enc->id_byte[id] = (uint8_t) k;
+
+        } else {
+            enc->byte_ids = 0;
+        }
+    }
+
+    for (k = 0; k < 65536 && enc->byte_ids; k++) {
+        enc->byte_ids = (tk_pair(enc, enc->byte_rank[k >> 8],
+                                 enc->byte_rank[k & 0xff])
+                         == enc->pair_rank[k]);
     }
 
     /*

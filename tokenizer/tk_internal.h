@@ -74,6 +74,8 @@ struct tk_encoding_s {
     uint32_t              mask;
 
     uint32_t             *pair_rank;    /* two bytes to rank, 65536 */
+    uint32_t              byte_ids;     /* ids 0 to 255 are the bytes */
+    uint8_t               id_byte[256]; /* and which, if so */
     uint32_t              byte_rank[256];
 
     /* the linear time encoder for long pieces */
