@@ -36,6 +36,30 @@
 #define TK_CHAR_RIGHT       (1ULL << 63)
 
 
+/*
+ * The trie of the tokens that merging makes: a node is a slot of an open
+ * addressing table, holding its parent plus one and its byte, then the
+ * token it ends plus one, or 0.  A node's children are looked for from a
+ * hash of the node's bytes plus the child's byte: a walk knows where to
+ * look before it has found the parent, so that it loads the next slot
+ * while it looks for this one, and the children of a node are near each
+ * other, so that the nodes that short prefixes use stay in the cache.
+ */
+#define TK_TRIE_SEED        0x2545f4914f6cdd1dULL
+#define TK_TRIE_TOKEN       0x1fffff
+#define TK_TRIE_KEY_SHIFT   21
+#define tk_trie_hash(h, c)  (((h) ^ (c)) * 0x9e3779b97f4a7c15ULL)
+#define tk_trie_key(node, c)  ((uint64_t) ((node) + 1) << 8 | (c))
+#define tk_trie_slot(enc, h, c)                                               \
+    (((uint32_t) ((h) >> (enc)->trie_shift) + (c)) & (enc)->trie_mask)
+
+#if defined(__GNUC__)
+#define tk_prefetch(p)      __builtin_prefetch(p)
+#else
+#define tk_prefetch(p)
+#endif
+
+
 /* the two bits of a pair's word of the merge filter, from its hash */
 #define TK_MERGE_BITS(h)    (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
 
@@ -52,15 +76,16 @@ static int tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p,
 static int tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, tk_out_t *out);
 static uint32_t tk_longest(const tk_encoding_t *enc, const unsigned char *p,
-    size_t n);
+    size_t n, size_t *len);
+static void tk_longest_prefetch(const tk_encoding_t *enc,
+    const unsigned char *p);
 static int tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
 static uint32_t tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b);
 static void tk_merge_put(tk_encoding_t *enc, uint32_t a, uint32_t b,
     uint32_t m);
-static uint32_t tk_trie_child(const tk_encoding_t *enc, uint32_t node,
-    unsigned char c);
-static void tk_trie_put(tk_encoding_t *enc, uint32_t key, uint32_t child);
-static int tk_trie_add(tk_encoding_t *enc, uint32_t id);
+static int tk_trie_build(tk_encoding_t *enc, const uint32_t *reachable,
+    size_t size);
+static void tk_trie_add(tk_encoding_t *enc, uint32_t id);
 static int tk_chars_prepare(tk_encoding_t *enc);
 static uint64_t tk_char_parts(const tk_encoding_t *enc, const unsigned char *b,
     size_t k, const uint32_t *min);
@@ -79,6 +104,34 @@ tk_free(const tk_allocator_t *a, void *p)
 {
     if (p != NULL) {
         a->free(a->data, p);
+    }
+}
+
+
+/* the slot of a node's child by the byte c, h the hash of the node */
+
+tk_inline uint32_t
+tk_trie_child(const tk_encoding_t *enc, uint32_t node, uint64_t h,
+    unsigned char c)
+{
+    uint32_t  i;
+    uint64_t  key, e;
+
+    key = tk_trie_key(node, c);
+
+    for (i = tk_trie_slot(enc, h, c);
+         /* void */;
+         i = (i + 1) & enc->trie_mask)
+    {
+        e = enc->trie[i];
+
+        if (e == 0) {
+            return TK_NONE;
+        }
+
+        if (e >> TK_TRIE_KEY_SHIFT == key) {
+            return i;
+        }
     }
 }
 
@@ -360,7 +413,7 @@ static int
 tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     tk_out_t *out)
 {
-    size_t     pos, end, top, i;
+    size_t     pos, end, len, top, i;
     uint32_t   t, last, *tokens;
     uint64_t  *dead;
 
@@ -375,12 +428,16 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
     pos = 0;
     top = 0;
-    t = tk_longest(enc, p, n);
+    t = tk_longest(enc, p, n, &len);
 
     for ( ;; ) {
         last = top ? tokens[top - 1] : TK_NONE;
 
-        end = pos + tk_token_len(enc, t);
+        end = pos + len;
+
+        if (end + 4 <= n) {
+            tk_longest_prefetch(enc, p + end);
+        }
 
         if ((end == n || (dead[end >> 6] & (1ULL << (end & 63))) == 0)
             && (last == TK_NONE || tk_valid_pair(enc, last, t)))
@@ -392,13 +449,15 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
                 break;
             }
 
-            t = tk_longest(enc, p + pos, n - pos);
+            t = tk_longest(enc, p + pos, n - pos, &len);
             continue;
         }
 
-        t = enc->next_prefix[t];
+        len = enc->tokens[t].prefix_len;
+        t = enc->tokens[t].prefix;
 
         if (t != TK_NONE) {
+            tk_prefetch(&enc->tokens[t]);
             continue;
         }
 
@@ -412,7 +471,8 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
         dead[pos >> 6] |= 1ULL << (pos & 63);
         top--;
-        pos -= tk_token_len(enc, last);
+        len = enc->tokens[last].len;
+        pos -= len;
         t = last;
     }
 
@@ -432,18 +492,27 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
 
 static uint32_t
-tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n)
+tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n,
+    size_t *len)
 {
     size_t    i;
     uint32_t  node, best;
+    uint64_t  h, next, e;
 
     best = enc->byte_rank[p[0]];
+    *len = 1;
 
     if (n == 1) {
         return best;
     }
 
-    /* the first two bytes at once */
+    /* the first two bytes at once, while the children load */
+
+    h = tk_trie_hash(tk_trie_hash(TK_TRIE_SEED, p[0]), p[1]);
+
+    if (n > 2) {
+        tk_prefetch(&enc->trie[tk_trie_slot(enc, h, p[2])]);
+    }
 
     node = enc->trie2[p[0] << 8 | p[1]];
 
@@ -451,23 +520,60 @@ tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n)
         return best;
     }
 
-    if (enc->trie_token[node] != TK_NONE) {
-        best = enc->trie_token[node];
+    e = enc->trie[node];
+
+    if ((e & TK_TRIE_TOKEN) != 0) {
+        best = (uint32_t) (e & TK_TRIE_TOKEN) - 1;
+        *len = 2;
     }
 
     for (i = 2; i < n; i++) {
-        node = tk_trie_child(enc, node, p[i]);
+        next = tk_trie_hash(h, p[i]);
+
+        if (i + 1 < n) {
+            tk_prefetch(&enc->trie[tk_trie_slot(enc, next, p[i + 1])]);
+        }
+
+        node = tk_trie_child(enc, node, h, p[i]);
 
         if (node == TK_NONE) {
             break;
         }
 
-        if (enc->trie_token[node] != TK_NONE) {
-            best = enc->trie_token[node];
+        e = enc->trie[node];
+
+        if ((e & TK_TRIE_TOKEN) != 0) {
+            best = (uint32_t) (e & TK_TRIE_TOKEN) - 1;
+            *len = i + 1;
         }
+
+        h = next;
     }
 
+    /* what checking the token needs, while the next one is looked for */
+
+    tk_prefetch(&enc->tokens[best]);
+
     return best;
+}
+
+
+/*
+ * the first nodes tk_longest() will look at after this token, while
+ * the token's pair with the last one is checked
+ */
+
+static void
+tk_longest_prefetch(const tk_encoding_t *enc, const unsigned char *p)
+{
+    uint64_t  h;
+
+    tk_prefetch(&enc->trie2[p[0] << 8 | p[1]]);
+
+    h = tk_trie_hash(tk_trie_hash(TK_TRIE_SEED, p[0]), p[1]);
+    tk_prefetch(&enc->trie[tk_trie_slot(enc, h, p[2])]);
+    h = tk_trie_hash(h, p[2]);
+    tk_prefetch(&enc->trie[tk_trie_slot(enc, h, p[3])]);
 }
 
 
@@ -479,7 +585,12 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
     limit = TK_NONE;
 
     for ( ;; ) {
-        m = tk_pair(enc, a, b);
+        if ((a | b) < 256 && enc->byte_ids) {
+            m = enc->pair_rank[enc->id_byte[a] << 8 | enc->id_byte[b]];
+
+        } else {
+            m = tk_pair(enc, a, b);
+        }
 
         if (m != TK_NONE && m < limit) {
             return 0;
@@ -489,11 +600,11 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 
         if (a > b) {
             limit = a;
-            a = enc->split[2 * a + 1];
+            a = enc->tokens[a].right;
 
             if (a == limit) {
                 limit = b + 1;
-                b = enc->split[2 * b];
+                b = enc->tokens[b].left;
 
                 if (b + 1 == limit) {
                     return 1;
@@ -502,11 +613,11 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 
         } else {
             limit = b + 1;
-            b = enc->split[2 * b];
+            b = enc->tokens[b].left;
 
             if (b + 1 == limit) {
                 limit = a;
-                a = enc->split[2 * a + 1];
+                a = enc->tokens[a].right;
 
                 if (a == limit) {
                     return 1;
@@ -522,7 +633,7 @@ tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
  * own last merge, so the pairs are those of the tokens' splits
  */
 
-static uint32_t
+tk_inline uint32_t
 tk_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 {
     uint32_t  i;
@@ -578,75 +689,68 @@ tk_merge_put(tk_encoding_t *enc, uint32_t a, uint32_t b, uint32_t m)
 }
 
 
-static uint32_t
-tk_trie_child(const tk_encoding_t *enc, uint32_t node, unsigned char c)
+static int
+tk_trie_build(tk_encoding_t *enc, const uint32_t *reachable, size_t size)
 {
-    uint32_t  key, i;
-    uint64_t  e;
+    uint32_t  id;
 
-    key = node << 8 | c;
+    enc->trie = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
+    if (enc->trie == NULL) {
+        return TK_ENOMEM;
+    }
 
-    for (i = (uint32_t) (((uint64_t) key * 0x9e3779b97f4a7c15ULL) >> 40)
-             & enc->trie_mask;
-         /* void */;
-         i = (i + 1) & enc->trie_mask)
-    {
-        e = enc->trie_edge[i];
+    memset(enc->trie, 0, size * sizeof(uint64_t));
 
-        if (e == 0) {
-            return TK_NONE;
-        }
+    enc->trie_mask = size - 1;
+    enc->trie_nodes = 1;
 
-        if ((uint32_t) (e >> 32) == key + 1) {
-            return (uint32_t) e;
+    for (enc->trie_shift = 64; size > 1; size >>= 1) {
+        enc->trie_shift--;
+    }
+
+    for (id = 0; id < enc->nids; id++) {
+        if (reachable[id]) {
+            tk_trie_add(enc, id);
         }
     }
+
+    return TK_OK;
 }
 
 
 static void
-tk_trie_put(tk_encoding_t *enc, uint32_t key, uint32_t child)
-{
-    uint32_t  i;
-
-    for (i = (uint32_t) (((uint64_t) key * 0x9e3779b97f4a7c15ULL) >> 40)
-             & enc->trie_mask;
-         enc->trie_edge[i] != 0;
-         i = (i + 1) & enc->trie_mask)
-    {
-        /* void */
-    }
-
-    enc->trie_edge[i] = ((uint64_t) (key + 1) << 32) | child;
-}
-
-
-static int
 tk_trie_add(tk_encoding_t *enc, uint32_t id)
 {
     size_t          n, k;
     uint32_t        node, child;
+    uint64_t        h;
     const uint8_t  *p;
 
     p = enc->bytes + enc->offset[id];
     n = tk_token_len(enc, id);
-    node = 0;
+    node = enc->trie_mask + 1;
+    h = TK_TRIE_SEED;
 
     for (k = 0; k < n; k++) {
-        child = tk_trie_child(enc, node, p[k]);
+        child = tk_trie_child(enc, node, h, p[k]);
 
         if (child == TK_NONE) {
-            child = enc->trie_nodes++;
-            enc->trie_token[child] = TK_NONE;
-            tk_trie_put(enc, node << 8 | p[k], child);
+            for (child = tk_trie_slot(enc, h, p[k]);
+                 enc->trie[child] != 0;
+                 child = (child + 1) & enc->trie_mask)
+            {
+                /* void */
+            }
+
+            enc->trie[child] = tk_trie_key(node, p[k]) << TK_TRIE_KEY_SHIFT;
+            enc->trie_nodes++;
         }
 
         node = child;
+        h = tk_trie_hash(h, p[k]);
     }
 
-    enc->trie_token[node] = id;
-
-    return TK_OK;
+    enc->trie[node] = (enc->trie[node] & ~(uint64_t) TK_TRIE_TOKEN) | (id + 1);
 }
 
 
@@ -658,17 +762,16 @@ tk_trie_add(tk_encoding_t *enc, uint32_t id)
 int
 tk_bpe_prepare(tk_encoding_t *enc)
 {
-    size_t     total, size, k, n;
-    uint32_t   id, node, best, mask, split[2], *reachable, *nodes;
-    uint64_t  *old;
-    tk_out_t   out;
+    size_t          total, size, k, n;
+    uint32_t        id, node, root, best, split[2], *reachable;
+    uint64_t        h;
+    tk_out_t        out;
+    const uint8_t  *p;
 
-    enc->split = tk_alloc(&enc->allocator, 2 * enc->nids * sizeof(uint32_t));
-    enc->next_prefix = tk_alloc(&enc->allocator,
-                                enc->nids * sizeof(uint32_t));
+    enc->tokens = tk_alloc(&enc->allocator, enc->nids * sizeof(tk_token_t));
     reachable = tk_alloc(&enc->allocator, enc->nids * sizeof(uint32_t));
 
-    if (enc->split == NULL || enc->next_prefix == NULL || reachable == NULL) {
+    if (enc->tokens == NULL || reachable == NULL) {
         tk_free(&enc->allocator, reachable);
         return TK_ENOMEM;
     }
@@ -676,9 +779,11 @@ tk_bpe_prepare(tk_encoding_t *enc)
     total = 1;
 
     for (id = 0; id < enc->nids; id++) {
-        enc->split[2 * id] = id;
-        enc->split[2 * id + 1] = id;
-        enc->next_prefix[id] = TK_NONE;
+        enc->tokens[id].left = id;
+        enc->tokens[id].right = id;
+        enc->tokens[id].prefix = TK_NONE;
+        enc->tokens[id].len = (uint16_t) tk_token_len(enc, id);
+        enc->tokens[id].prefix_len = 0;
         reachable[id] = 0;
 
         if (!enc->present[id]) {
@@ -707,8 +812,8 @@ tk_bpe_prepare(tk_encoding_t *enc)
         }
 
         if (out.n == 1 && split[0] != TK_NONE && split[1] != TK_NONE) {
-            enc->split[2 * id] = split[0];
-            enc->split[2 * id + 1] = split[1];
+            enc->tokens[id].left = split[0];
+            enc->tokens[id].right = split[1];
             reachable[id] = 1;
             total += n;
         }
@@ -741,115 +846,110 @@ tk_bpe_prepare(tk_encoding_t *enc)
     enc->memory += size * sizeof(uint64_t) + size / 16 * sizeof(uint64_t);
 
     for (id = 0; id < enc->nids; id++) {
-        if (enc->split[2 * id] != id) {
-            tk_merge_put(enc, enc->split[2 * id], enc->split[2 * id + 1], id);
+        if (enc->tokens[id].left != id) {
+            tk_merge_put(enc, enc->tokens[id].left, enc->tokens[id].right, id);
         }
     }
 
-    /* the trie: at most one node per byte of the reachable tokens */
+    /*
+     * where ids 0 to 255 are the bytes, as in tiktoken's vocabularies,
+     * the merges of two of them are those pair_rank gives for their bytes
+     */
+
+    enc->byte_ids = 1;
+
+    for (k = 0; k < 256 && enc->byte_ids; k++) {
+        id = enc->byte_rank[k];
+
+        if (id < 256) {
+            enc->id_byte[id] = (uint8_t) k;
+
+        } else {
+            enc->byte_ids = 0;
+        }
+    }
+
+    for (k = 0; k < 65536 && enc->byte_ids; k++) {
+        enc->byte_ids = (tk_pair(enc, enc->byte_rank[k >> 8],
+                                 enc->byte_rank[k & 0xff])
+                         == enc->pair_rank[k]);
+    }
+
+    /*
+     * the trie: at most one node per byte of the reachable tokens, then
+     * again at a load of at most 3/4, now that the nodes are counted
+     */
 
     for (size = 1024; size < 2 * total; size <<= 1) { /* void */ }
 
-    enc->trie_mask = size - 1;
-    enc->trie_edge = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
-    enc->trie_token = tk_alloc(&enc->allocator, total * sizeof(uint32_t));
-
-    if (enc->trie_edge == NULL || enc->trie_token == NULL) {
+    if (tk_trie_build(enc, reachable, size) != TK_OK) {
         tk_free(&enc->allocator, reachable);
         return TK_ENOMEM;
     }
 
-    memset(enc->trie_edge, 0, size * sizeof(uint64_t));
-    enc->trie_token[0] = TK_NONE;
-    enc->trie_nodes = 1;
+    for (k = 1024; k * 3 < 4 * enc->trie_nodes; k <<= 1) { /* void */ }
 
-    for (id = 0; id < enc->nids; id++) {
-        if (reachable[id]) {
-            (void) tk_trie_add(enc, id);
+    if (k < size) {
+        tk_free(&enc->allocator, enc->trie);
+        enc->trie = NULL;
+
+        if (tk_trie_build(enc, reachable, k) != TK_OK) {
+            tk_free(&enc->allocator, reachable);
+            return TK_ENOMEM;
         }
     }
 
     tk_free(&enc->allocator, reachable);
-    reachable = NULL;
-
-    /* shrink the edges to a load of at most 3/4, now that they are known */
-
-    for (size = 1024; size * 3 < 4 * enc->trie_nodes; size <<= 1) {
-        /* void */
-    }
-
-    if (size - 1 < enc->trie_mask) {
-        old = enc->trie_edge;
-        mask = enc->trie_mask;
-
-        enc->trie_edge = tk_alloc(&enc->allocator, size * sizeof(uint64_t));
-        if (enc->trie_edge == NULL) {
-            tk_free(&enc->allocator, old);
-            return TK_ENOMEM;
-        }
-
-        memset(enc->trie_edge, 0, size * sizeof(uint64_t));
-        enc->trie_mask = size - 1;
-
-        for (k = 0; k <= mask; k++) {
-            if (old[k] != 0) {
-                tk_trie_put(enc, (uint32_t) (old[k] >> 32) - 1,
-                            (uint32_t) old[k]);
-            }
-        }
-
-        tk_free(&enc->allocator, old);
-    }
 
     enc->trie2 = tk_alloc(&enc->allocator, 65536 * sizeof(uint32_t));
     if (enc->trie2 == NULL) {
         return TK_ENOMEM;
     }
 
+    root = enc->trie_mask + 1;
+
     for (k = 0; k < 65536; k++) {
-        node = tk_trie_child(enc, 0, (unsigned char) (k >> 8));
+        h = TK_TRIE_SEED;
+        node = tk_trie_child(enc, root, h, (unsigned char) (k >> 8));
 
         enc->trie2[k] = (node == TK_NONE)
                         ? TK_NONE
-                        : tk_trie_child(enc, node, (unsigned char) (k & 0xff));
+                        : tk_trie_child(enc, node, tk_trie_hash(h, k >> 8),
+                                        (unsigned char) (k & 0xff));
     }
 
     enc->memory += 65536 * sizeof(uint32_t);
 
-    nodes = tk_alloc(&enc->allocator, enc->trie_nodes * sizeof(uint32_t));
-    if (nodes == NULL) {
-        return TK_ENOMEM;
-    }
-
-    memcpy(nodes, enc->trie_token, enc->trie_nodes * sizeof(uint32_t));
-    tk_free(&enc->allocator, enc->trie_token);
-    enc->trie_token = nodes;
-
     for (id = 0; id < enc->nids; id++) {
-        if (enc->split[2 * id] == id && tk_token_len(enc, id) != 1) {
+        if (enc->tokens[id].left == id && tk_token_len(enc, id) != 1) {
             /* a token that merging never makes */
             continue;
         }
 
-        node = 0;
+        node = root;
+        h = TK_TRIE_SEED;
         best = TK_NONE;
         n = tk_token_len(enc, id);
+        p = enc->bytes + enc->offset[id];
 
         for (k = 0; k + 1 < n; k++) {
-            node = tk_trie_child(enc, node,
-                                 enc->bytes[enc->offset[id] + k]);
+            node = tk_trie_child(enc, node, h, p[k]);
+            h = tk_trie_hash(h, p[k]);
 
-            if (enc->trie_token[node] != TK_NONE) {
-                best = enc->trie_token[node];
+            if ((enc->trie[node] & TK_TRIE_TOKEN) != 0) {
+                best = (uint32_t) (enc->trie[node] & TK_TRIE_TOKEN) - 1;
             }
         }
 
-        enc->next_prefix[id] = best;
+        enc->tokens[id].prefix = best;
+
+        if (best != TK_NONE) {
+            enc->tokens[id].prefix_len = enc->tokens[best].len;
+        }
     }
 
-    enc->memory += 3 * enc->nids * sizeof(uint32_t)
-                   + (enc->trie_mask + 1) * sizeof(uint64_t)
-                   + enc->trie_nodes * sizeof(uint32_t);
+    enc->memory += enc->nids * sizeof(tk_token_t)
+                   + (enc->trie_mask + 1) * sizeof(uint64_t);
 
     return tk_chars_prepare(enc);
 }
@@ -908,8 +1008,8 @@ tk_chars_prepare(tk_encoding_t *enc)
      */
 
     for (id = 0; id < enc->nids; id++) {
-        a = enc->split[2 * id];
-        b = enc->split[2 * id + 1];
+        a = enc->tokens[id].left;
+        b = enc->tokens[id].right;
 
         if (a == id) {
             continue;

@@ -520,10 +520,8 @@ tk_encoding_free(tk_encoding_t *enc)
     tk_free(&a, enc->key);
     tk_free(&a, enc->filter);
     tk_free(&a, enc->pair_rank);
-    tk_free(&a, enc->split);
-    tk_free(&a, enc->next_prefix);
-    tk_free(&a, enc->trie_token);
-    tk_free(&a, enc->trie_edge);
+    tk_free(&a, enc->tokens);
+    tk_free(&a, enc->trie);
     tk_free(&a, enc->merge);
     tk_free(&a, enc->merge_filter);
     tk_free(&a, enc->trie2);

@@ -39,6 +39,22 @@ typedef struct {
 #define tk_slot_len(s)   ((s)->id_len & 0xfff)
 
 
+/*
+ * what backtracking needs of a token, in one place: the two parts of
+ * the merge that makes it (the token itself twice for a token that
+ * merging does not make), its longest shorter prefix that merging makes,
+ * or TK_NONE, its length and that of the prefix
+ */
+
+typedef struct {
+    uint32_t              left;
+    uint32_t              right;
+    uint32_t              prefix;
+    uint16_t              len;
+    uint16_t              prefix_len;
+} tk_token_t;
+
+
 struct tk_encoding_s {
     tk_pattern_e          pattern;
     tk_allocator_t        allocator;
@@ -58,14 +74,15 @@ struct tk_encoding_s {
     uint32_t              mask;
 
     uint32_t             *pair_rank;    /* two bytes to rank, 65536 */
+    uint32_t              byte_ids;     /* ids 0 to 255 are the bytes */
+    uint8_t               id_byte[256]; /* and which, if so */
     uint32_t              byte_rank[256];
 
     /* the linear time encoder for long pieces */
-    uint32_t             *split;        /* nids * 2: the last merge */
-    uint32_t             *next_prefix;  /* the longest shorter prefix */
-    uint32_t             *trie_token;   /* per trie node */
-    uint64_t             *trie_edge;    /* (node << 8 | byte) + 1, child */
+    tk_token_t           *tokens;       /* nids */
+    uint64_t             *trie;         /* a node per slot, see tk_bpe.c */
     uint32_t              trie_mask;
+    uint32_t              trie_shift;
     uint32_t              trie_nodes;
     uint32_t             *trie2;        /* the nodes of two bytes, 65536 */
     uint64_t             *merge;        /* (a << 20 | b) << 20 | token */

@@ -19,7 +19,9 @@
  * The same checks run on a second text made of the input: characters of
  * the scripts that merge from their characters' parts rather than from
  * bytes (CJK, kana, Hangul, two-byte letters, the whole BMP) among ASCII,
- * emoji and stray bytes, two bytes of input to one character.
+ * emoji and stray bytes, two bytes of input to one character; and on a
+ * third one of letters, mostly lowercase, a byte of input to a letter,
+ * whose long pieces are encoded by backtracking.
  *
  * The vocabularies are read from $TK_FUZZ_DATA, "data" by default.
  */
@@ -50,6 +52,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 static void tk_fuzz_text(const tk_fuzz_encoding_t *e, unsigned seed,
     const unsigned char *text, size_t len);
 static size_t tk_fuzz_characters(const unsigned char *data, size_t len,
+    unsigned char *out);
+static void tk_fuzz_letters(const unsigned char *data, size_t len,
     unsigned char *out);
 static void tk_fuzz_fail(const tk_fuzz_encoding_t *e, const char *fmt,
     long long a, long long b);
@@ -121,6 +125,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     tk_fuzz_text(e, seed, chars, len);
 
+    tk_fuzz_letters(data + 1, size - 1, chars);
+    tk_fuzz_text(e, seed, chars, size - 1);
+
     free(chars);
 
     return 0;
@@ -171,6 +178,30 @@ tk_fuzz_text(const tk_fuzz_encoding_t *e, unsigned seed,
 
     free(ids);
     free(back);
+}
+
+
+/*
+ * a letter for every byte of data: lowercase ones, a few uppercase ones
+ * and a space now and then
+ */
+
+static void
+tk_fuzz_letters(const unsigned char *data, size_t len, unsigned char *out)
+{
+    size_t  i;
+
+    for (i = 0; i < len; i++) {
+        if (data[i] < 234) {
+            out[i] = (unsigned char) ('a' + data[i] % 26);
+
+        } else if (data[i] < 252) {
+            out[i] = (unsigned char) ('A' + data[i] % 26);
+
+        } else {
+            out[i] = ' ';
+        }
+    }
 }
 
 
