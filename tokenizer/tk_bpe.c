@@ -61,7 +61,8 @@
 
 
 /* the two bits of a pair's word of the merge filter, from its hash */
-#define TK_MERGE_BITS(h)    (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
+#define TK_MERGE_BITS(h)                                                      \
+    (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
 
 
 #define tk_emit(out, id)                                                      \
