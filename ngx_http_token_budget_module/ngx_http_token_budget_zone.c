@@ -57,7 +57,15 @@ static void ngx_http_tb_zone_roll(ngx_http_tb_zone_t *zone,
 static int64_t ngx_http_tb_zone_used(ngx_http_tb_zone_t *zone,
     ngx_http_tb_node_t *node, ngx_msec_t now);
 static time_t ngx_http_tb_zone_retry(ngx_http_tb_zone_t *zone,
-    ngx_http_tb_node_t *node, uint64_t amount, ngx_msec_t now);
+    ngx_http_tb_node_t *node, uint64_t amount, uint64_t limit,
+    ngx_msec_t now);
+static void ngx_http_tb_zone_tightest(ngx_http_tb_zone_t *zone,
+    ngx_http_tb_node_t *node, uint64_t limit, int64_t used, ngx_msec_t now,
+    ngx_http_tb_refusal_t *refusal);
+static ngx_msec_t ngx_http_tb_zone_replied(ngx_http_tb_zone_t *zone,
+    ngx_http_tb_reservation_t *res, ngx_http_tb_node_t *node);
+static ngx_uint_t ngx_http_tb_zone_answered(ngx_http_tb_zone_t *zone,
+    ngx_http_tb_redis_reply_t *reply);
 static ngx_http_tb_node_t *ngx_http_tb_zone_get(ngx_http_tb_zone_t *zone,
     ngx_str_t *key, ngx_msec_t now);
 static ngx_int_t ngx_http_tb_zone_take(ngx_http_tb_zone_t *zone,
@@ -572,7 +580,7 @@ ngx_http_tb_zone_used(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
 
 static time_t
 ngx_http_tb_zone_retry(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
-    uint64_t amount, ngx_msec_t now)
+    uint64_t amount, uint64_t limit, ngx_msec_t now)
 {
     int64_t   need, room;
     uint64_t  elapsed, start, at;
@@ -581,15 +589,15 @@ ngx_http_tb_zone_retry(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
     start = now - elapsed;
 
     need = node->reserved + amount;
-    room = (int64_t) zone->limit - need - node->curr;
+    room = (int64_t) limit - need - node->curr;
 
     if (room >= 0 && node->prev > 0) {
         /* prev * (1 - f) <= room, f = 1 - room / prev */
         at = start + zone->period
              - (uint64_t) (room * (int64_t) zone->period / node->prev);
 
-    } else if ((int64_t) zone->limit - need >= 0 && node->curr > 0) {
-        room = (int64_t) zone->limit - need;
+    } else if ((int64_t) limit - need >= 0 && node->curr > 0) {
+        room = (int64_t) limit - need;
         at = start + 2 * zone->period
              - (uint64_t) (room * (int64_t) zone->period / node->curr);
 
@@ -833,8 +841,7 @@ ngx_http_tb_zone_take(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
     uint64_t amount, uint64_t limit, ngx_msec_t now,
     ngx_http_tb_refusal_t *refusal)
 {
-    int64_t   used;
-    uint64_t  saved;
+    int64_t  used;
 
     used = ngx_http_tb_zone_used(zone, node, now);
 
@@ -845,11 +852,8 @@ ngx_http_tb_zone_take(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
     if ((uint64_t) used + node->reserved + amount > limit) {
         refusal->zone = zone;
         refusal->amount = amount;
-
-        saved = zone->limit;
-        zone->limit = limit;
-        refusal->retry = ngx_http_tb_zone_retry(zone, node, amount, now);
-        zone->limit = saved;
+        refusal->retry = ngx_http_tb_zone_retry(zone, node, amount, limit,
+                                                now);
 
         zone->sh->rejected++;
 
@@ -860,17 +864,30 @@ ngx_http_tb_zone_take(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
     node->inflight++;
     zone->sh->admitted++;
 
-    if (refusal->tightest == NULL
-        || (int64_t) (limit - used - node->reserved) < refusal->remaining)
-    {
+    ngx_http_tb_zone_tightest(zone, node, limit, used, now, refusal);
+
+    return NGX_OK;
+}
+
+
+/* the zone with the fewest tokens left after the request's reservation */
+
+static void
+ngx_http_tb_zone_tightest(ngx_http_tb_zone_t *zone, ngx_http_tb_node_t *node,
+    uint64_t limit, int64_t used, ngx_msec_t now,
+    ngx_http_tb_refusal_t *refusal)
+{
+    int64_t  remaining;
+
+    remaining = (int64_t) (limit - used - node->reserved);
+
+    if (refusal->tightest == NULL || remaining < refusal->remaining) {
         refusal->tightest = zone;
-        refusal->remaining = limit - used - node->reserved;
+        refusal->remaining = remaining;
         refusal->limit = limit;
         refusal->reset = (time_t) (((node->curr > 0 ? 2 : 1) * zone->period
                                     - now % zone->period + 999) / 1000);
     }
-
-    return NGX_OK;
 }
 
 
@@ -1116,11 +1133,61 @@ ngx_http_tb_zone_remote(ngx_http_request_t *r, ngx_http_tb_reservation_t *res,
 }
 
 
+/*
+ * whether a script answered {ok, now, prev, curr, reserved}: Redis' clock
+ * is kept from the answer, a failure counted
+ */
+
+static ngx_uint_t
+ngx_http_tb_zone_answered(ngx_http_tb_zone_t *zone,
+    ngx_http_tb_redis_reply_t *reply)
+{
+    ngx_uint_t  ok;
+
+    ok = (reply->type == NGX_HTTP_TB_REDIS_ARRAY && reply->nelts == 5);
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    if (ok) {
+        zone->sh->clock = reply->elts[1] - ngx_http_tb_zone_now();
+
+    } else {
+        zone->sh->redis_errors++;
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    return ok;
+}
+
+
+/* a key's state as Redis answered a reservation, and Redis' time */
+
+static ngx_msec_t
+ngx_http_tb_zone_replied(ngx_http_tb_zone_t *zone,
+    ngx_http_tb_reservation_t *res, ngx_http_tb_node_t *node)
+{
+    ngx_msec_t  now;
+
+    now = res->reply[1];
+
+    ngx_memzero(node, sizeof(ngx_http_tb_node_t));
+
+    node->window = now - now % zone->period;
+    node->prev = res->reply[2];
+    node->curr = res->reply[3];
+    node->reserved = res->reply[4];
+
+    return now;
+}
+
+
 static void
 ngx_http_tb_zone_reserve_handler(ngx_http_tb_redis_cmd_t *cmd,
     ngx_http_tb_redis_reply_t *reply)
 {
     ngx_str_t                   key;
+    ngx_uint_t                  ok;
     ngx_http_tb_zone_t         *zone;
     ngx_http_tb_zone_extra_t   *x;
     ngx_http_tb_reservation_t  *res;
@@ -1137,19 +1204,12 @@ ngx_http_tb_zone_reserve_handler(ngx_http_tb_redis_cmd_t *cmd,
                       &reply->str);
     }
 
-    if (reply->type == NGX_HTTP_TB_REDIS_ARRAY && reply->nelts == 5) {
-        zone->sh->clock = reply->elts[1] - ngx_http_tb_zone_now();
-
-    } else {
-        zone->sh->redis_errors++;
-    }
+    ok = ngx_http_tb_zone_answered(zone, reply);
 
     if (res == NULL) {
         /* nobody waits: what Redis reserved goes back */
 
-        if (reply->type == NGX_HTTP_TB_REDIS_ARRAY && reply->nelts == 5
-            && reply->elts[0] == 1)
-        {
+        if (ok && reply->elts[0] == 1) {
             key.data = x->key;
             key.len = x->len;
             ngx_http_tb_zone_release(zone, &key, x->id, 0);
@@ -1160,7 +1220,7 @@ ngx_http_tb_zone_reserve_handler(ngx_http_tb_redis_cmd_t *cmd,
 
     res->cmd = NULL;
 
-    if (reply->type == NGX_HTTP_TB_REDIS_ARRAY && reply->nelts == 5) {
+    if (ok) {
         ngx_memcpy(res->reply, reply->elts, sizeof(res->reply));
         res->state = reply->elts[0] ? NGX_HTTP_TB_RES_OK
                                     : NGX_HTTP_TB_RES_REFUSED;
@@ -1203,11 +1263,11 @@ ngx_http_tb_zone_conclude(ngx_http_request_t *r,
     ngx_http_tb_reservation_t *res, ngx_uint_t *nres,
     ngx_http_tb_refusal_t *refusal)
 {
-    int64_t                     used, remaining;
+    int64_t                     used;
     uint64_t                    limit;
     ngx_int_t                   rc;
     ngx_uint_t                  i, n, refused;
-    ngx_msec_t                  now, elapsed;
+    ngx_msec_t                  now;
     ngx_http_tb_zone_t         *zone;
     ngx_http_tb_node_t          node;
     ngx_http_tb_reservation_t  *rs;
@@ -1230,33 +1290,15 @@ ngx_http_tb_zone_conclude(ngx_http_request_t *r,
 
             /* the remaining tokens as Redis sees them */
 
-            now = rs->reply[1];
-            elapsed = now % zone->period;
-
-            ngx_memzero(&node, sizeof(ngx_http_tb_node_t));
-            node.prev = rs->reply[2];
-            node.curr = rs->reply[3];
-
-            used = (node.prev * (int64_t) (zone->period - elapsed)
-                    + (int64_t) zone->period - 1)
-                   / (int64_t) zone->period
-                   + node.curr;
+            now = ngx_http_tb_zone_replied(zone, rs, &node);
+            used = ngx_http_tb_zone_used(zone, &node, now);
 
             if (used < 0) {
                 used = 0;
             }
 
-            remaining = (int64_t) zone->limit - used - rs->reply[4];
-
-            if (refusal->tightest == NULL || remaining < refusal->remaining) {
-                refusal->tightest = zone;
-                refusal->remaining = remaining;
-                refusal->limit = zone->limit;
-                refusal->reset = (time_t) (((node.curr > 0 ? 2 : 1)
-                                            * zone->period - elapsed + 999)
-                                           / 1000);
-            }
-
+            ngx_http_tb_zone_tightest(zone, &node, zone->limit, used, now,
+                                      refusal);
             break;
 
         case NGX_HTTP_TB_RES_REFUSED:
@@ -1264,18 +1306,12 @@ ngx_http_tb_zone_conclude(ngx_http_request_t *r,
             zone->sh->rejected++;
             ngx_shmtx_unlock(&zone->shpool->mutex);
 
-            now = rs->reply[1];
-
-            ngx_memzero(&node, sizeof(ngx_http_tb_node_t));
-            node.window = now - now % zone->period;
-            node.prev = rs->reply[2];
-            node.curr = rs->reply[3];
-            node.reserved = rs->reply[4];
+            now = ngx_http_tb_zone_replied(zone, rs, &node);
 
             refusal->zone = zone;
             refusal->amount = rs->amount;
             refusal->retry = ngx_http_tb_zone_retry(zone, &node, rs->amount,
-                                                    now);
+                                                    zone->limit, now);
             refused = 1;
             break;
 
@@ -1405,8 +1441,7 @@ ngx_http_tb_zone_settle_handler(ngx_http_tb_redis_cmd_t *cmd,
     x = ngx_http_tb_zone_extra(cmd);
     zone = x->zone;
 
-    if (reply->type == NGX_HTTP_TB_REDIS_ARRAY && reply->nelts == 5) {
-        zone->sh->clock = reply->elts[1] - ngx_http_tb_zone_now();
+    if (ngx_http_tb_zone_answered(zone, reply)) {
 
         if (reply->elts[0] == 0 && x->amount) {
             /* applied before, if sent again; or expired long ago */
@@ -1420,8 +1455,6 @@ ngx_http_tb_zone_settle_handler(ngx_http_tb_redis_cmd_t *cmd,
 
         return;
     }
-
-    zone->sh->redis_errors++;
 
     if (reply->type == NGX_HTTP_TB_REDIS_ERROR) {
         ngx_log_error(NGX_LOG_ERR, cmd->redis->log, 0,
