@@ -414,14 +414,14 @@ ngx_http_tb_redis_send(ngx_http_tb_redis_cmd_t *cmd)
         return NGX_DECLINED;
     }
 
+    cmd->deadline = ngx_current_msec + rd->timeout;
+
     if (ngx_http_tb_redis_append(rd, cmd) != NGX_OK) {
         return NGX_DECLINED;
     }
 
     cmd->answered = 0;
     cmd->kept = 0;
-    cmd->deadline = ngx_current_msec + rd->timeout;
-    ngx_queue_insert_tail(&rd->sent, &cmd->queue);
 
     if (rd->state == NGX_HTTP_TB_REDIS_UP) {
         ngx_http_tb_redis_arm(rd);
@@ -468,6 +468,8 @@ ngx_http_tb_redis_park(ngx_http_tb_redis_cmd_t *cmd)
 }
 
 
+/* a command into the output buffer, and to the commands awaiting replies */
+
 static ngx_int_t
 ngx_http_tb_redis_append(ngx_http_tb_redis_t *rd, ngx_http_tb_redis_cmd_t *cmd)
 {
@@ -510,6 +512,10 @@ ngx_http_tb_redis_append(ngx_http_tb_redis_t *rd, ngx_http_tb_redis_cmd_t *cmd)
     }
 
     rd->out->last = ngx_cpymem(p, cmd->args, cmd->len);
+
+    /* its reply comes in its turn */
+
+    ngx_queue_insert_tail(&rd->sent, &cmd->queue);
 
     return NGX_OK;
 }
@@ -786,13 +792,13 @@ ngx_http_tb_redis_internal(ngx_http_tb_redis_t *rd, ngx_str_t *args,
     cmd->handler = ngx_http_tb_redis_handshake_handler;
     cmd->data = rd;
 
+    cmd->deadline = ngx_current_msec + rd->timeout;
+
     if (ngx_http_tb_redis_append(rd, cmd) != NGX_OK) {
         ngx_http_tb_redis_free(cmd);
         return NGX_ERROR;
     }
 
-    cmd->deadline = ngx_current_msec + rd->timeout;
-    ngx_queue_insert_tail(&rd->sent, &cmd->queue);
     rd->handshake++;
 
     return NGX_OK;
@@ -1123,7 +1129,6 @@ ngx_http_tb_redis_dispatch(ngx_http_tb_redis_t *rd,
         cmd->eval = 1;
 
         if (ngx_http_tb_redis_append(rd, cmd) == NGX_OK) {
-            ngx_queue_insert_tail(&rd->sent, &cmd->queue);
 
             if (!rd->c->write->posted) {
                 ngx_post_event(rd->c->write, &ngx_posted_events);
