@@ -38,16 +38,24 @@
 
 /*
  * The trie of the tokens that merging makes: a node is a slot of an open
- * addressing table, holding its parent plus one and its byte, then the
- * token it ends plus one, or 0.  A node's children are looked for from a
- * hash of the node's bytes plus the child's byte: a walk knows where to
- * look before it has found the parent, so that it loads the next slot
- * while it looks for this one, and the children of a node are near each
- * other, so that the nodes that short prefixes use stay in the cache.
+ * addressing table, holding 13 bits that say which bytes its children may
+ * have, its parent plus one and its byte, then the token it ends plus one,
+ * or 0.  A node's children are looked for from a hash of the node's bytes
+ * plus the child's byte: a walk knows where to look before it has found
+ * the parent, so that it loads the next slot while it looks for this one,
+ * and the children of a node are near each other, so that the nodes that
+ * short prefixes use stay in the cache.  They crowd the slots, though, and
+ * most walks end looking for a child that is not there, which the bits
+ * answer without going through the crowd.
  */
 #define TK_TRIE_SEED        0x2545f4914f6cdd1dULL
 #define TK_TRIE_TOKEN       0x1fffff
 #define TK_TRIE_KEY_SHIFT   21
+#define TK_TRIE_KEY         0x3fffffffULL
+#define TK_TRIE_BITS_SHIFT  51
+#define TK_TRIE_MAX         (1 << 21)
+#define tk_trie_bit(c)                                                        \
+    (1ULL << (TK_TRIE_BITS_SHIFT + (c) % 13))
 #define tk_trie_hash(h, c)  (((h) ^ (c)) * 0x9e3779b97f4a7c15ULL)
 #define tk_trie_key(node, c)  ((uint64_t) ((node) + 1) << 8 | (c))
 #define tk_trie_slot(enc, h, c)                                               \
@@ -86,7 +94,7 @@ static void tk_merge_put(tk_encoding_t *enc, uint32_t a, uint32_t b,
     uint32_t m);
 static int tk_trie_build(tk_encoding_t *enc, const uint32_t *reachable,
     size_t size);
-static void tk_trie_add(tk_encoding_t *enc, uint32_t id);
+static int tk_trie_add(tk_encoding_t *enc, uint32_t id);
 static int tk_chars_prepare(tk_encoding_t *enc);
 static uint64_t tk_char_parts(const tk_encoding_t *enc, const unsigned char *b,
     size_t k, const uint32_t *min);
@@ -130,7 +138,7 @@ tk_trie_child(const tk_encoding_t *enc, uint32_t node, uint64_t h,
             return TK_NONE;
         }
 
-        if (e >> TK_TRIE_KEY_SHIFT == key) {
+        if ((e >> TK_TRIE_KEY_SHIFT & TK_TRIE_KEY) == key) {
             return i;
         }
     }
@@ -529,6 +537,10 @@ tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     }
 
     for (i = 2; i < n; i++) {
+        if ((e & tk_trie_bit(p[i])) == 0) {
+            break;
+        }
+
         next = tk_trie_hash(h, p[i]);
 
         if (i + 1 < n) {
@@ -710,8 +722,10 @@ tk_trie_build(tk_encoding_t *enc, const uint32_t *reachable, size_t size)
     }
 
     for (id = 0; id < enc->nids; id++) {
-        if (reachable[id]) {
-            tk_trie_add(enc, id);
+        if (reachable[id] && tk_trie_add(enc, id) != TK_OK) {
+            tk_free(&enc->allocator, enc->trie);
+            enc->trie = NULL;
+            return TK_ERROR;
         }
     }
 
@@ -719,7 +733,7 @@ tk_trie_build(tk_encoding_t *enc, const uint32_t *reachable, size_t size)
 }
 
 
-static void
+static int
 tk_trie_add(tk_encoding_t *enc, uint32_t id)
 {
     size_t          n, k;
@@ -736,6 +750,11 @@ tk_trie_add(tk_encoding_t *enc, uint32_t id)
         child = tk_trie_child(enc, node, h, p[k]);
 
         if (child == TK_NONE) {
+            if (4 * (size_t) enc->trie_nodes > 3 * (size_t) enc->trie_mask) {
+                /* over a load of 3/4 */
+                return TK_ERROR;
+            }
+
             for (child = tk_trie_slot(enc, h, p[k]);
                  enc->trie[child] != 0;
                  child = (child + 1) & enc->trie_mask)
@@ -745,6 +764,10 @@ tk_trie_add(tk_encoding_t *enc, uint32_t id)
 
             enc->trie[child] = tk_trie_key(node, p[k]) << TK_TRIE_KEY_SHIFT;
             enc->trie_nodes++;
+
+            if (node <= enc->trie_mask) {
+                enc->trie[node] |= tk_trie_bit(p[k]);
+            }
         }
 
         node = child;
@@ -752,6 +775,8 @@ tk_trie_add(tk_encoding_t *enc, uint32_t id)
     }
 
     enc->trie[node] = (enc->trie[node] & ~(uint64_t) TK_TRIE_TOKEN) | (id + 1);
+
+    return TK_OK;
 }
 
 
@@ -763,7 +788,8 @@ tk_trie_add(tk_encoding_t *enc, uint32_t id)
 int
 tk_bpe_prepare(tk_encoding_t *enc)
 {
-    size_t          total, size, k, n;
+    int             rc;
+    size_t          size, k, n;
     uint32_t        id, node, root, best, split[2], *reachable;
     uint64_t        h;
     tk_out_t        out;
@@ -776,8 +802,6 @@ tk_bpe_prepare(tk_encoding_t *enc)
         tk_free(&enc->allocator, reachable);
         return TK_ENOMEM;
     }
-
-    total = 1;
 
     for (id = 0; id < enc->nids; id++) {
         enc->tokens[id].left = id;
@@ -795,7 +819,6 @@ tk_bpe_prepare(tk_encoding_t *enc)
 
         if (n == 1) {
             reachable[id] = 1;
-            total++;
             continue;
         }
 
@@ -816,7 +839,6 @@ tk_bpe_prepare(tk_encoding_t *enc)
             enc->tokens[id].left = split[0];
             enc->tokens[id].right = split[1];
             reachable[id] = 1;
-            total += n;
         }
     }
 
@@ -877,28 +899,30 @@ tk_bpe_prepare(tk_encoding_t *enc)
     }
 
     /*
-     * the trie: at most one node per byte of the reachable tokens, then
-     * again at a load of at most 3/4, now that the nodes are counted
+     * the trie, at a load of at most 3/4: the vocabularies have about two
+     * nodes per token, a larger table is tried if that is not enough
      */
 
-    for (size = 1024; size < 2 * total; size <<= 1) { /* void */ }
-
-    if (tk_trie_build(enc, reachable, size) != TK_OK) {
-        tk_free(&enc->allocator, reachable);
-        return TK_ENOMEM;
+    for (size = 1024; 3 * size < 8 * (size_t) enc->ntokens; size <<= 1) {
+        /* void */
     }
 
-    for (k = 1024; k * 3 < 4 * enc->trie_nodes; k <<= 1) { /* void */ }
+    do {
+        if (size > TK_TRIE_MAX) {
+            tk_free(&enc->allocator, reachable);
+            return TK_ERROR;
+        }
 
-    if (k < size) {
-        tk_free(&enc->allocator, enc->trie);
-        enc->trie = NULL;
+        rc = tk_trie_build(enc, reachable, size);
 
-        if (tk_trie_build(enc, reachable, k) != TK_OK) {
+        if (rc == TK_ENOMEM) {
             tk_free(&enc->allocator, reachable);
             return TK_ENOMEM;
         }
-    }
+
+        size <<= 1;
+
+    } while (rc != TK_OK);
 
     tk_free(&enc->allocator, reachable);
 

@@ -254,7 +254,7 @@ tk_encoding_t *
 tk_encoding_parse(const unsigned char *data, size_t len, tk_pattern_e pattern,
     const tk_allocator_t *allocator, char *err, size_t errlen)
 {
-    int                   sorted;
+    int                   sorted, rc;
     size_t                nlines, i, line, total, n, tlen;
     uint32_t              id, rank;
     tk_line_t            *lines;
@@ -484,8 +484,11 @@ tk_encoding_parse(const unsigned char *data, size_t len, tk_pattern_e pattern,
                   + enc->nids * sizeof(uint64_t)
                   + ((size_t) 1 << (32 - enc->filter_shift)) / 8;
 
-    if (tk_bpe_prepare(enc) != TK_OK) {
-        snprintf(err, errlen, "out of memory");
+    rc = tk_bpe_prepare(enc);
+
+    if (rc != TK_OK) {
+        snprintf(err, errlen, rc == TK_ENOMEM ? "out of memory"
+                                              : "too many tokens");
         goto failed;
     }
 
