@@ -523,13 +523,13 @@ tk_longest(const tk_encoding_t *enc, const unsigned char *p, size_t n,
         tk_prefetch(&enc->trie[tk_trie_slot(enc, h, p[2])]);
     }
 
-    node = enc->trie2[p[0] << 8 | p[1]];
+    e = enc->trie2[2 * (p[0] << 8 | p[1])];
 
-    if (node == TK_NONE) {
+    if (e == 0) {
         return best;
     }
 
-    e = enc->trie[node];
+    node = (uint32_t) enc->trie2[2 * (p[0] << 8 | p[1]) + 1];
 
     if ((e & TK_TRIE_TOKEN) != 0) {
         best = (uint32_t) (e & TK_TRIE_TOKEN) - 1;
@@ -581,7 +581,7 @@ tk_longest_prefetch(const tk_encoding_t *enc, const unsigned char *p)
 {
     uint64_t  h;
 
-    tk_prefetch(&enc->trie2[p[0] << 8 | p[1]]);
+    tk_prefetch(&enc->trie2[2 * (p[0] << 8 | p[1])]);
 
     h = tk_trie_hash(tk_trie_hash(TK_TRIE_SEED, p[0]), p[1]);
     tk_prefetch(&enc->trie[tk_trie_slot(enc, h, p[2])]);
@@ -926,7 +926,7 @@ tk_bpe_prepare(tk_encoding_t *enc)
 
     tk_free(&enc->allocator, reachable);
 
-    enc->trie2 = tk_alloc(&enc->allocator, 65536 * sizeof(uint32_t));
+    enc->trie2 = tk_alloc(&enc->allocator, 2 * 65536 * sizeof(uint64_t));
     if (enc->trie2 == NULL) {
         return TK_ENOMEM;
     }
@@ -937,13 +937,16 @@ tk_bpe_prepare(tk_encoding_t *enc)
         h = TK_TRIE_SEED;
         node = tk_trie_child(enc, root, h, (unsigned char) (k >> 8));
 
-        enc->trie2[k] = (node == TK_NONE)
-                        ? TK_NONE
-                        : tk_trie_child(enc, node, tk_trie_hash(h, k >> 8),
-                                        (unsigned char) (k & 0xff));
+        if (node != TK_NONE) {
+            node = tk_trie_child(enc, node, tk_trie_hash(h, k >> 8),
+                                 (unsigned char) (k & 0xff));
+        }
+
+        enc->trie2[2 * k] = (node == TK_NONE) ? 0 : enc->trie[node];
+        enc->trie2[2 * k + 1] = node;
     }
 
-    enc->memory += 65536 * sizeof(uint32_t);
+    enc->memory += 2 * 65536 * sizeof(uint64_t);
 
     for (id = 0; id < enc->nids; id++) {
         if (enc->tokens[id].left == id && tk_token_len(enc, id) != 1) {

@@ -84,7 +84,8 @@ struct tk_encoding_s {
     uint32_t              trie_mask;
     uint32_t              trie_shift;
     uint32_t              trie_nodes;
-    uint32_t             *trie2;        /* the nodes of two bytes, 65536 */
+    uint64_t             *trie2;        /* the nodes of two bytes, 65536:
+                                           their slots and nodes */
     uint64_t             *merge;        /* (a << 20 | b) << 20 | token */
     uint32_t              merge_mask;
     uint64_t             *merge_filter; /* two bits per pair, for misses */
