@@ -12,8 +12,9 @@
  * "ENCODING NAME BYTES TOKENS MB/s MS": the token count, the throughput
  * and the time of one encode_ordinary() call in ms.  Time is the
  * processor time of this process, as tk_bench measures it.  Each input is
- * encoded repeatedly for at least BENCH_SECONDS (1 by default) and at
- * least once: a slow input is measured once, whatever that takes.
+ * encoded once to warm up, then repeatedly for at least BENCH_SECONDS (1
+ * by default) and at least once: a slow input is measured once, whatever
+ * that takes.  The figures are those of the median call.
  */
 
 const fs = require('fs');
@@ -59,18 +60,25 @@ function main(argv) {
         const text = fs.readFileSync(arg.slice(eq + 1), 'utf8');
         const bytes = Buffer.byteLength(text, 'utf8');
 
-        let n = 0;
-        let runs = 0;
-
-        t0 = cpu();
+        let n = enc.encode_ordinary(text).length;
+        let total = 0;
+        const times = [];
 
         do {
+            t0 = cpu();
             n = enc.encode_ordinary(text).length;
-            runs++;
             t1 = cpu();
-        } while (t1 - t0 < SECONDS);
 
-        const secs = (t1 - t0) / runs;
+            times.push(t1 - t0);
+            total += t1 - t0;
+        } while (total < SECONDS);
+
+        times.sort((a, b) => a - b);
+
+        const half = times.length >> 1;
+        const secs = (times.length % 2)
+                     ? times[half]
+                     : (times[half - 1] + times[half]) / 2;
 
         console.log(`${name} ${arg.slice(0, eq)} ${bytes} ${n} `
                     + `${(bytes / secs / 1e6).toFixed(3)} `

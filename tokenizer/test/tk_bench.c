@@ -2,11 +2,12 @@
 /*
  * Copyright (C) The token budget authors
  *
- * tk_bench DATADIR ENCODING NAME=FILE...: counts each file's tokens
- * repeatedly for at least a second of processor time (of this process
- * alone, so that other load does not count) and prints, one line each,
- * "ENCODING NAME BYTES TOKENS MB/s tokens/s"; the first line is the load
- * time and the memory of the vocabulary.
+ * tk_bench DATADIR ENCODING NAME=FILE...: counts each file's tokens once
+ * to warm up, then repeatedly for at least a second of processor time (of
+ * this process alone, so that other load counts less) and at least five
+ * times, and prints, one line each, "ENCODING NAME BYTES TOKENS MB/s
+ * tokens/s" of the median call; the first line is the load time and the
+ * memory of the vocabulary.
  */
 
 
@@ -26,6 +27,18 @@ now(void)
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
 
     return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+
+static int
+cmp_double(const void *a, const void *b)
+{
+    double  x, y;
+
+    x = *(const double *) a;
+    y = *(const double *) b;
+
+    return (x > y) - (x < y);
 }
 
 
@@ -65,7 +78,7 @@ main(int argc, char **argv)
     int             i, runs;
     char            path[4200], err[256], *eq;
     size_t          len;
-    double          t0, t1;
+    double          t0, t1, total, median, times[4096];
     int64_t         n;
     tk_pattern_e    pattern;
     unsigned char  *text;
@@ -110,19 +123,27 @@ main(int argc, char **argv)
             return 1;
         }
 
-        n = 0;
+        n = tk_count(enc, text, len);
         runs = 0;
-        t0 = now();
+        total = 0;
 
         do {
+            t0 = now();
             n = tk_count(enc, text, len);
-            runs++;
             t1 = now();
-        } while (t1 - t0 < 1.0 || runs < 3);
+
+            times[runs++] = t1 - t0;
+            total += t1 - t0;
+
+        } while ((total < 1.0 || runs < 5) && runs < 4096);
+
+        qsort(times, runs, sizeof(double), cmp_double);
+
+        median = (runs % 2) ? times[runs / 2]
+                            : (times[runs / 2 - 1] + times[runs / 2]) / 2;
 
         printf("%s %s %zu %lld %.1f %.0f\n", argv[2], argv[i], len,
-               (long long) n, len * runs / (t1 - t0) / 1e6,
-               (double) n * runs / (t1 - t0));
+               (long long) n, len / median / 1e6, (double) n / median);
 
         free(text);
     }
