@@ -19,8 +19,9 @@
 # only their first 16 KiB and 64 KiB, and its figures are for those.
 #
 # Times are processor time of the process measured, so that other load
-# disturbs them less.  Set BENCH_ENCODINGS to measure other encodings and
-# BENCH_NODE=no to skip tiktoken.  Exits with 1 on a count mismatch.
+# disturbs them less, of the median call after one to warm up.  Set
+# BENCH_ENCODINGS to measure other encodings and BENCH_NODE=no to skip
+# tiktoken.  Exits with 1 on a count mismatch.
 
 set -e
 
@@ -268,7 +269,8 @@ END {
     print "Normal inputs are about 1 MB; the pathological ones are 1 MiB for"
     print "tk, and tiktoken, quadratic on long pieces, is measured on their"
     print "first 16 KiB and 64 KiB only: its MB/s and ratio are those of the"
-    print "64 KiB slice.  Processor time of each process, single thread."
+    print "64 KiB slice.  Processor time of each process, single thread,"
+    print "the median call after one to warm up."
 
     exit bad
 }
