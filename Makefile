@@ -36,7 +36,8 @@ build/tk_bench: tokenizer/test/tk_bench.c build/libtk.a $(TK_DEPS)
 
 build/tk_fuzz: tokenizer/test/tk_fuzz.c $(TK_SRCS) $(TK_DEPS)
 	clang -g -O1 -fsanitize=fuzzer,address,undefined \
-		-fno-sanitize-recover=all $(TK_CFLAGS) -o $@ \
+		-fno-sanitize-recover=all $(TK_CFLAGS) \
+		-DTK_BT_TOKENS=4 -DTK_BT_SPAN=64 -DTK_BT_DEAD=4096 -o $@ \
 		tokenizer/test/tk_fuzz.c $(TK_SRCS)
 
 build/ngx_http_token_budget_module.so: config scripts/build-module.sh \

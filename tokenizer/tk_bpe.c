@@ -73,6 +73,10 @@
     (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
 
 
+#define tk_bt_dead(dead, bits, pos)                                           \
+    ((dead)[((pos) & ((bits) - 1)) >> 6] & (1ULL << ((pos) & 63)))
+
+
 #define tk_emit(out, id)                                                      \
     if ((out)->ids != NULL && (out)->n < (out)->max) {                        \
         (out)->ids[(out)->n] = (id);                                          \
@@ -84,6 +88,8 @@ static int tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, tk_out_t *out);
 static int tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, tk_out_t *out);
+static int tk_bpe_backtrack_all(const tk_encoding_t *enc,
+    const unsigned char *p, size_t n, tk_out_t *out);
 static uint32_t tk_longest(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, size_t *len);
 static void tk_longest_prefetch(const tk_encoding_t *enc,
@@ -418,9 +424,172 @@ tk_bpe_merge(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 }
 
 
+/*
+ * Backtracking keeps the tokens it has taken, and their lengths, in a ring
+ * and emits those more than half a ring or TK_BT_SPAN / 2 bytes behind
+ * when the ring is full or its tokens span more than TK_BT_SPAN bytes: in
+ * practice it only ever steps back a few tokens, and a long piece then
+ * needs 28 KB rather than 4 bytes per byte.  Should it step back to a
+ * token already emitted, the piece is encoded again with room for all its
+ * tokens.  The positions where nothing fits are kept in a ring of bits
+ * too, which holds the span and two tokens past it.
+ */
+
+#ifndef TK_BT_TOKENS
+#define TK_BT_TOKENS        4096
+#define TK_BT_SPAN          16384
+#define TK_BT_DEAD          32768
+#endif
+
+#if (TK_BT_SPAN + 2 * TK_MAX_TOKEN_LEN >= TK_BT_DEAD)
+#error "TK_BT_DEAD must hold TK_BT_SPAN and two tokens"
+#endif
+
+
 static int
 tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     tk_out_t *out)
+{
+    size_t     pos, end, len, top, done, done_pos, clean, span, start, cap,
+               bits, i;
+    uint16_t  *lens;
+    uint32_t   t, last, prev, *ring;
+    uint64_t  *dead;
+
+    for (cap = 2; cap <= n && cap < TK_BT_TOKENS; cap <<= 1) {
+        /* void */
+    }
+
+    for (bits = 64; bits <= n && bits < TK_BT_DEAD; bits <<= 1) {
+        /* void */
+    }
+
+    span = (n < TK_BT_DEAD) ? n : TK_BT_SPAN;
+
+    dead = tk_alloc(&enc->allocator, bits / 64 * sizeof(uint64_t)
+                                     + cap * sizeof(uint32_t)
+                                     + cap * sizeof(uint16_t));
+    if (dead == NULL) {
+        return TK_ENOMEM;
+    }
+
+    ring = (uint32_t *) (dead + bits / 64);
+    lens = (uint16_t *) (ring + cap);
+    memset(dead, 0, bits / 64 * sizeof(uint64_t));
+
+    start = out->n;
+    pos = 0;
+    top = 0;
+    done = 0;
+    done_pos = 0;
+    clean = 0;
+    prev = TK_NONE;
+
+    t = tk_longest(enc, p, n, &len);
+
+    for ( ;; ) {
+        last = (top > done) ? ring[(top - 1) & (cap - 1)] : prev;
+
+        end = pos + len;
+
+        if (end + 4 <= n) {
+            tk_longest_prefetch(enc, p + end);
+        }
+
+        if ((end == n || tk_bt_dead(dead, bits, end) == 0)
+            && (last == TK_NONE || tk_valid_pair(enc, last, t)))
+        {
+            lens[top & (cap - 1)] = (uint16_t) len;
+            ring[top++ & (cap - 1)] = t;
+            pos = end;
+
+            if (pos == n) {
+                break;
+            }
+
+            if (top - done == cap || pos - done_pos > span) {
+
+                /*
+                 * emit the older tokens; the bits of the positions they
+                 * cover are cleared a word at a time, once they are all
+                 * behind, well before the ring of bits comes round to them
+                 */
+
+                i = done;
+
+                do {
+                    done_pos += lens[done++ & (cap - 1)];
+                } while (top - done > cap / 2 || pos - done_pos > span / 2);
+
+                prev = ring[(done - 1) & (cap - 1)];
+
+                if (out->ids == NULL) {
+                    out->n += done - i;
+
+                } else {
+                    for ( /* void */ ; i < done; i++) {
+                        tk_emit(out, ring[i & (cap - 1)]);
+                    }
+                }
+
+                for ( /* void */ ; clean + 64 <= done_pos; clean += 64) {
+                    dead[(clean & (bits - 1)) >> 6] = 0;
+                }
+            }
+
+            t = tk_longest(enc, p + pos, n - pos, &len);
+            continue;
+        }
+
+        len = enc->tokens[t].prefix_len;
+        t = enc->tokens[t].prefix;
+
+        if (t != TK_NONE) {
+            tk_prefetch(&enc->tokens[t]);
+            continue;
+        }
+
+        /* nothing fits at pos after the last token: step back */
+
+        if (top == done) {
+            tk_free(&enc->allocator, dead);
+            out->n = start;
+
+            if (done == 0) {
+                /* cannot happen with a consistent vocabulary */
+                return tk_bpe_merge(enc, p, n, out, NULL);
+            }
+
+            return tk_bpe_backtrack_all(enc, p, n, out);
+        }
+
+        dead[(pos & (bits - 1)) >> 6] |= 1ULL << (pos & 63);
+        top--;
+        len = lens[top & (cap - 1)];
+        pos -= len;
+        t = last;
+    }
+
+    if (out->ids == NULL) {
+        out->n += top - done;
+
+    } else {
+        for ( /* void */ ; done < top; done++) {
+            tk_emit(out, ring[done & (cap - 1)]);
+        }
+    }
+
+    tk_free(&enc->allocator, dead);
+
+    return TK_OK;
+}
+
+
+/* the same with room for every token of the piece */
+
+static int
+tk_bpe_backtrack_all(const tk_encoding_t *enc, const unsigned char *p,
+    size_t n, tk_out_t *out)
 {
     size_t     pos, end, len, top, i;
     uint32_t   t, last, *tokens;

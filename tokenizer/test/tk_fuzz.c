@@ -23,7 +23,10 @@
  * third one of letters, mostly lowercase, a byte of input to a letter,
  * whose long pieces are encoded by backtracking.
  *
- * The vocabularies are read from $TK_FUZZ_DATA, "data" by default.
+ * The vocabularies are read from $TK_FUZZ_DATA, "data" by default.  The
+ * Makefile builds the tokenizer for this target with a ring of 4 tokens
+ * and a span of 64 bytes for backtracking, so that it emits tokens early
+ * and steps back past them, and starts over, as a long piece would.
  */
 
 
