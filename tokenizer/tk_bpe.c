@@ -73,8 +73,8 @@
     (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
 
 
-#define tk_bt_dead(dead, bits, pos)                                           \
-    ((dead)[((pos) & ((bits) - 1)) >> 6] & (1ULL << ((pos) & 63)))
+#define tk_bt_dead(dead, pos)                                                 \
+    ((dead)[((pos) & (TK_BT_DEAD - 1)) >> 6] & (1ULL << ((pos) & 63)))
 
 
 #define tk_emit(out, id)                                                      \
@@ -450,32 +450,26 @@ static int
 tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     tk_out_t *out)
 {
-    size_t     pos, end, len, top, done, done_pos, clean, span, start, cap,
-               bits, i;
+    size_t     pos, end, len, top, done, done_pos, clean, start, full,
+               full_pos, i;
     uint16_t  *lens;
-    uint32_t   t, last, prev, *ring;
+    uint32_t   t, last, *ring;
     uint64_t  *dead;
 
-    for (cap = 2; cap <= n && cap < TK_BT_TOKENS; cap <<= 1) {
-        /* void */
-    }
-
-    for (bits = 64; bits <= n && bits < TK_BT_DEAD; bits <<= 1) {
-        /* void */
-    }
-
-    span = (n < TK_BT_DEAD) ? n : TK_BT_SPAN;
-
-    dead = tk_alloc(&enc->allocator, bits / 64 * sizeof(uint64_t)
-                                     + cap * sizeof(uint32_t)
-                                     + cap * sizeof(uint16_t));
+    dead = tk_alloc(&enc->allocator, TK_BT_DEAD / 8
+                                     + TK_BT_TOKENS * sizeof(uint32_t)
+                                     + TK_BT_TOKENS * sizeof(uint16_t));
     if (dead == NULL) {
         return TK_ENOMEM;
     }
 
-    ring = (uint32_t *) (dead + bits / 64);
-    lens = (uint16_t *) (ring + cap);
-    memset(dead, 0, bits / 64 * sizeof(uint64_t));
+    ring = (uint32_t *) (dead + TK_BT_DEAD / 64);
+    lens = (uint16_t *) (ring + TK_BT_TOKENS);
+
+    /* the bits of the positions the piece has, all if it wraps */
+
+    memset(dead, 0, ((n < TK_BT_DEAD ? n : TK_BT_DEAD - 1) / 64 + 1)
+                    * sizeof(uint64_t));
 
     start = out->n;
     pos = 0;
@@ -483,12 +477,23 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     done = 0;
     done_pos = 0;
     clean = 0;
-    prev = TK_NONE;
+
+    /* when the ring is full, or its tokens span too many bytes */
+
+    full = TK_BT_TOKENS;
+    full_pos = TK_BT_SPAN;
 
     t = tk_longest(enc, p, n, &len);
 
     for ( ;; ) {
-        last = (top > done) ? ring[(top - 1) & (cap - 1)] : prev;
+
+        /*
+         * the slot before the ring's oldest token still holds the last
+         * one emitted: it is only written when the ring is full, and the
+         * oldest tokens are emitted right then
+         */
+
+        last = top ? ring[(top - 1) & (TK_BT_TOKENS - 1)] : TK_NONE;
 
         end = pos + len;
 
@@ -496,18 +501,18 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
             tk_longest_prefetch(enc, p + end);
         }
 
-        if ((end == n || tk_bt_dead(dead, bits, end) == 0)
+        if ((end == n || tk_bt_dead(dead, end) == 0)
             && (last == TK_NONE || tk_valid_pair(enc, last, t)))
         {
-            lens[top & (cap - 1)] = (uint16_t) len;
-            ring[top++ & (cap - 1)] = t;
+            lens[top & (TK_BT_TOKENS - 1)] = (uint16_t) len;
+            ring[top++ & (TK_BT_TOKENS - 1)] = t;
             pos = end;
 
             if (pos == n) {
                 break;
             }
 
-            if (top - done == cap || pos - done_pos > span) {
+            if (top == full || pos > full_pos) {
 
                 /*
                  * emit the older tokens; the bits of the positions they
@@ -518,23 +523,25 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
                 i = done;
 
                 do {
-                    done_pos += lens[done++ & (cap - 1)];
-                } while (top - done > cap / 2 || pos - done_pos > span / 2);
-
-                prev = ring[(done - 1) & (cap - 1)];
+                    done_pos += lens[done++ & (TK_BT_TOKENS - 1)];
+                } while (top - done > TK_BT_TOKENS / 2
+                         || pos - done_pos > TK_BT_SPAN / 2);
 
                 if (out->ids == NULL) {
                     out->n += done - i;
 
                 } else {
                     for ( /* void */ ; i < done; i++) {
-                        tk_emit(out, ring[i & (cap - 1)]);
+                        tk_emit(out, ring[i & (TK_BT_TOKENS - 1)]);
                     }
                 }
 
                 for ( /* void */ ; clean + 64 <= done_pos; clean += 64) {
-                    dead[(clean & (bits - 1)) >> 6] = 0;
+                    dead[(clean & (TK_BT_DEAD - 1)) >> 6] = 0;
                 }
+
+                full = done + TK_BT_TOKENS;
+                full_pos = done_pos + TK_BT_SPAN;
             }
 
             t = tk_longest(enc, p + pos, n - pos, &len);
@@ -563,9 +570,9 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
             return tk_bpe_backtrack_all(enc, p, n, out);
         }
 
-        dead[(pos & (bits - 1)) >> 6] |= 1ULL << (pos & 63);
+        dead[(pos & (TK_BT_DEAD - 1)) >> 6] |= 1ULL << (pos & 63);
         top--;
-        len = lens[top & (cap - 1)];
+        len = lens[top & (TK_BT_TOKENS - 1)];
         pos -= len;
         t = last;
     }
@@ -575,7 +582,7 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
     } else {
         for ( /* void */ ; done < top; done++) {
-            tk_emit(out, ring[done & (cap - 1)]);
+            tk_emit(out, ring[done & (TK_BT_TOKENS - 1)]);
         }
     }
 
