@@ -766,7 +766,7 @@ tk_longest_prefetch(const tk_encoding_t *enc, const unsigned char *p)
 }
 
 
-static int
+tk_inline int
 tk_valid_pair(const tk_encoding_t *enc, uint32_t a, uint32_t b)
 {
     uint32_t  limit, m;
