@@ -187,7 +187,7 @@ static int
 tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     tk_out_t *out)
 {
-    size_t                i, k, m, min_i;
+    size_t                i, k, m, min_i, live;
     uint32_t              min, cp, id[TK_SHORT_PIECE], rank[TK_SHORT_PIECE];
     uint64_t              parts;
     const unsigned char  *q, *b, *end;
@@ -291,7 +291,13 @@ tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
     rank[m - 1] = TK_NONE;
 
-    for ( ;; ) {
+    /*
+     * a merge leaves the part on the right of the pair in its slot, dead,
+     * rather than moving the parts after it: its rank is TK_NONE, and its
+     * id too, for the neighbours to step over it
+     */
+
+    for (live = m; /* void */; live--) {
         min = TK_NONE;
         min_i = 0;
 
@@ -309,24 +315,30 @@ tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p, size_t n,
         i = min_i;
         id[i] = min;
 
-        for (m--, min_i = i + 1; min_i < m; min_i++) {
-            id[min_i] = id[min_i + 1];
-            rank[min_i] = rank[min_i + 1];
-        }
+        for (k = i + 1; id[k] == TK_NONE; k++) { /* void */ }
 
-        rank[i] = (i + 1 < m) ? tk_pair(enc, id[i], id[i + 1]) : TK_NONE;
+        id[k] = TK_NONE;
+        rank[k] = TK_NONE;
 
-        if (i > 0) {
-            rank[i - 1] = tk_pair(enc, id[i - 1], id[i]);
+        for (k++; k < m && id[k] == TK_NONE; k++) { /* void */ }
+
+        rank[i] = (k < m) ? tk_pair(enc, id[i], id[k]) : TK_NONE;
+
+        for (k = i; k > 0 && id[k - 1] == TK_NONE; k--) { /* void */ }
+
+        if (k > 0) {
+            rank[k - 1] = tk_pair(enc, id[k - 1], id[i]);
         }
     }
 
     if (out->ids == NULL) {
-        out->n += m;
+        out->n += live;
 
     } else {
         for (i = 0; i < m; i++) {
-            tk_emit(out, id[i]);
+            if (id[i] != TK_NONE) {
+                tk_emit(out, id[i]);
+            }
         }
     }
 
