@@ -234,11 +234,17 @@ tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
             if (*q >= 0x80) {
 
-                /* three bytes inline, the rest by tk_utf8_decode() */
+                /* two and three bytes inline, the rest by tk_utf8_decode() */
 
-                if ((*q & 0xf0) == 0xe0 && end - q >= 3
-                    && (q[1] & 0xc0) == 0x80 && (q[2] & 0xc0) == 0x80
-                    && (*q != 0xe0 || q[1] >= 0xa0))
+                if (*q >= 0xc2 && *q < 0xe0 && end - q >= 2
+                    && (q[1] & 0xc0) == 0x80)
+                {
+                    cp = (*q & 0x1f) << 6 | (q[1] & 0x3f);
+                    q += 2;
+
+                } else if ((*q & 0xf0) == 0xe0 && end - q >= 3
+                           && (q[1] & 0xc0) == 0x80 && (q[2] & 0xc0) == 0x80
+                           && (*q != 0xe0 || q[1] >= 0xa0))
                 {
                     cp = (*q & 0x0f) << 12 | (q[1] & 0x3f) << 6 | (q[2] & 0x3f);
                     q += 3;
