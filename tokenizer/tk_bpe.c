@@ -73,10 +73,6 @@
     (1ULL << ((h) >> 26 & 63) | 1ULL << ((h) >> 32 & 63))
 
 
-#define tk_bt_dead(dead, pos)                                                 \
-    ((dead)[((pos) & (TK_BT_DEAD - 1)) >> 6] & (1ULL << ((pos) & 63)))
-
-
 #define tk_emit(out, id)                                                      \
     if ((out)->ids != NULL && (out)->n < (out)->max) {                        \
         (out)->ids[(out)->n] = (id);                                          \
@@ -88,8 +84,9 @@ static int tk_bpe_merge_ids(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, tk_out_t *out);
 static int tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, tk_out_t *out);
-static int tk_bpe_backtrack_all(const tk_encoding_t *enc,
-    const unsigned char *p, size_t n, tk_out_t *out);
+static int tk_bt_run(const tk_encoding_t *enc, const unsigned char *p,
+    size_t n, tk_out_t *out, uint64_t *dead, size_t cap, size_t bits,
+    size_t span);
 static uint32_t tk_longest(const tk_encoding_t *enc, const unsigned char *p,
     size_t n, size_t *len);
 static void tk_longest_prefetch(const tk_encoding_t *enc,
@@ -459,6 +456,9 @@ tk_bpe_merge(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 #define TK_BT_DEAD          32768
 #endif
 
+/* what tk_bt_run() returns when it would step back to a token emitted */
+#define TK_AGAIN            1
+
 #if (TK_BT_SPAN + 2 * TK_MAX_TOKEN_LEN >= TK_BT_DEAD)
 #error "TK_BT_DEAD must hold TK_BT_SPAN and two tokens"
 #endif
@@ -468,10 +468,8 @@ static int
 tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
     tk_out_t *out)
 {
-    size_t     pos, end, len, top, done, done_pos, clean, start, full,
-               full_pos, i;
-    uint16_t  *lens;
-    uint32_t   t, last, *ring;
+    int        rc;
+    size_t     start, cap, bits;
     uint64_t  *dead;
 
     dead = tk_alloc(&enc->allocator, TK_BT_DEAD / 8
@@ -481,25 +479,67 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
         return TK_ENOMEM;
     }
 
-    ring = (uint32_t *) (dead + TK_BT_DEAD / 64);
-    lens = (uint16_t *) (ring + TK_BT_TOKENS);
+    start = out->n;
+
+    rc = tk_bt_run(enc, p, n, out, dead, TK_BT_TOKENS, TK_BT_DEAD,
+                   TK_BT_SPAN);
+
+    tk_free(&enc->allocator, dead);
+
+    if (rc != TK_AGAIN) {
+        return rc;
+    }
+
+    /* it stepped back to a token emitted: again, with room for all */
+
+    out->n = start;
+
+    for (cap = 2; cap <= n; cap <<= 1) { /* void */ }
+    for (bits = 64; bits <= n; bits <<= 1) { /* void */ }
+
+    dead = tk_alloc(&enc->allocator, bits / 8 + cap * sizeof(uint32_t)
+                                     + cap * sizeof(uint16_t));
+    if (dead == NULL) {
+        return TK_ENOMEM;
+    }
+
+    rc = tk_bt_run(enc, p, n, out, dead, cap, bits, n);
+
+    tk_free(&enc->allocator, dead);
+
+    return rc;
+}
+
+
+/*
+ * the loop of backtracking, in "dead" of "bits" / 8 bytes followed by a
+ * ring of "cap" tokens and one of their lengths, both powers of two; it
+ * emits tokens when the ring is full or its tokens span more than "span"
+ * bytes, and returns TK_AGAIN if it has to step back to one of those
+ */
+
+tk_inline int
+tk_bt_run(const tk_encoding_t *enc, const unsigned char *p, size_t n,
+    tk_out_t *out, uint64_t *dead, size_t cap, size_t bits, size_t span)
+{
+    size_t     pos, end, len, top, done, done_pos, clean, full, full_pos, i;
+    uint16_t  *lens;
+    uint32_t   t, last, *ring;
+
+    ring = (uint32_t *) (dead + bits / 64);
+    lens = (uint16_t *) (ring + cap);
 
     /* the bits of the positions the piece has, all if it wraps */
 
-    memset(dead, 0, ((n < TK_BT_DEAD ? n : TK_BT_DEAD - 1) / 64 + 1)
-                    * sizeof(uint64_t));
+    memset(dead, 0, ((n < bits ? n : bits - 1) / 64 + 1) * sizeof(uint64_t));
 
-    start = out->n;
     pos = 0;
     top = 0;
     done = 0;
     done_pos = 0;
     clean = 0;
-
-    /* when the ring is full, or its tokens span too many bytes */
-
-    full = TK_BT_TOKENS;
-    full_pos = TK_BT_SPAN;
+    full = cap;
+    full_pos = span;
 
     t = tk_longest(enc, p, n, &len);
 
@@ -511,7 +551,7 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
          * oldest tokens are emitted right then
          */
 
-        last = top ? ring[(top - 1) & (TK_BT_TOKENS - 1)] : TK_NONE;
+        last = top ? ring[(top - 1) & (cap - 1)] : TK_NONE;
 
         end = pos + len;
 
@@ -519,11 +559,12 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
             tk_longest_prefetch(enc, p + end);
         }
 
-        if ((end == n || tk_bt_dead(dead, end) == 0)
+        if ((end == n
+             || (dead[(end & (bits - 1)) >> 6] & (1ULL << (end & 63))) == 0)
             && (last == TK_NONE || tk_valid_pair(enc, last, t)))
         {
-            lens[top & (TK_BT_TOKENS - 1)] = (uint16_t) len;
-            ring[top++ & (TK_BT_TOKENS - 1)] = t;
+            lens[top & (cap - 1)] = (uint16_t) len;
+            ring[top++ & (cap - 1)] = t;
             pos = end;
 
             if (pos == n) {
@@ -541,25 +582,24 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
                 i = done;
 
                 do {
-                    done_pos += lens[done++ & (TK_BT_TOKENS - 1)];
-                } while (top - done > TK_BT_TOKENS / 2
-                         || pos - done_pos > TK_BT_SPAN / 2);
+                    done_pos += lens[done++ & (cap - 1)];
+                } while (top - done > cap / 2 || pos - done_pos > span / 2);
 
                 if (out->ids == NULL) {
                     out->n += done - i;
 
                 } else {
                     for ( /* void */ ; i < done; i++) {
-                        tk_emit(out, ring[i & (TK_BT_TOKENS - 1)]);
+                        tk_emit(out, ring[i & (cap - 1)]);
                     }
                 }
 
                 for ( /* void */ ; clean + 64 <= done_pos; clean += 64) {
-                    dead[(clean & (TK_BT_DEAD - 1)) >> 6] = 0;
+                    dead[(clean & (bits - 1)) >> 6] = 0;
                 }
 
-                full = done + TK_BT_TOKENS;
-                full_pos = done_pos + TK_BT_SPAN;
+                full = done + cap;
+                full_pos = done_pos + span;
             }
 
             t = tk_longest(enc, p + pos, n - pos, &len);
@@ -577,20 +617,17 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
         /* nothing fits at pos after the last token: step back */
 
         if (top == done) {
-            tk_free(&enc->allocator, dead);
-            out->n = start;
-
             if (done == 0) {
                 /* cannot happen with a consistent vocabulary */
                 return tk_bpe_merge(enc, p, n, out, NULL);
             }
 
-            return tk_bpe_backtrack_all(enc, p, n, out);
+            return TK_AGAIN;
         }
 
-        dead[(pos & (TK_BT_DEAD - 1)) >> 6] |= 1ULL << (pos & 63);
+        dead[(pos & (bits - 1)) >> 6] |= 1ULL << (pos & 63);
         top--;
-        len = lens[top & (TK_BT_TOKENS - 1)];
+        len = lens[top & (cap - 1)];
         pos -= len;
         t = last;
     }
@@ -600,95 +637,9 @@ tk_bpe_backtrack(const tk_encoding_t *enc, const unsigned char *p, size_t n,
 
     } else {
         for ( /* void */ ; done < top; done++) {
-            tk_emit(out, ring[done & (TK_BT_TOKENS - 1)]);
+            tk_emit(out, ring[done & (cap - 1)]);
         }
     }
-
-    tk_free(&enc->allocator, dead);
-
-    return TK_OK;
-}
-
-
-/* the same with room for every token of the piece */
-
-static int
-tk_bpe_backtrack_all(const tk_encoding_t *enc, const unsigned char *p,
-    size_t n, tk_out_t *out)
-{
-    size_t     pos, end, len, top, i;
-    uint32_t   t, last, *tokens;
-    uint64_t  *dead;
-
-    tokens = tk_alloc(&enc->allocator, (n + 1) * sizeof(uint32_t)
-                                       + (n / 64 + 1) * sizeof(uint64_t));
-    if (tokens == NULL) {
-        return TK_ENOMEM;
-    }
-
-    dead = (uint64_t *) (tokens + n + (n & 1));
-    memset(dead, 0, (n / 64 + 1) * sizeof(uint64_t));
-
-    pos = 0;
-    top = 0;
-    t = tk_longest(enc, p, n, &len);
-
-    for ( ;; ) {
-        last = top ? tokens[top - 1] : TK_NONE;
-
-        end = pos + len;
-
-        if (end + 4 <= n) {
-            tk_longest_prefetch(enc, p + end);
-        }
-
-        if ((end == n || (dead[end >> 6] & (1ULL << (end & 63))) == 0)
-            && (last == TK_NONE || tk_valid_pair(enc, last, t)))
-        {
-            tokens[top++] = t;
-            pos = end;
-
-            if (pos == n) {
-                break;
-            }
-
-            t = tk_longest(enc, p + pos, n - pos, &len);
-            continue;
-        }
-
-        len = enc->tokens[t].prefix_len;
-        t = enc->tokens[t].prefix;
-
-        if (t != TK_NONE) {
-            tk_prefetch(&enc->tokens[t]);
-            continue;
-        }
-
-        /* nothing fits at pos after the last token: step back */
-
-        if (top == 0) {
-            /* cannot happen with a consistent vocabulary */
-            tk_free(&enc->allocator, tokens);
-            return tk_bpe_merge(enc, p, n, out, NULL);
-        }
-
-        dead[pos >> 6] |= 1ULL << (pos & 63);
-        top--;
-        len = enc->tokens[last].len;
-        pos -= len;
-        t = last;
-    }
-
-    if (out->ids == NULL) {
-        out->n += top;
-
-    } else {
-        for (i = 0; i < top; i++) {
-            tk_emit(out, tokens[i]);
-        }
-    }
-
-    tk_free(&enc->allocator, tokens);
 
     return TK_OK;
 }
