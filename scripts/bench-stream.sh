@@ -22,6 +22,8 @@ set -e
 
 cd "$(dirname "$0")/.."
 
+. scripts/bench-conf.sh
+
 repo=$PWD
 events=${1:-1000}
 delay=${2:-1}
@@ -314,25 +316,11 @@ main().catch((e) => {
 END
 
 cat > "$dir/nginx.conf" <<END
-load_module $repo/build/ngx_http_token_budget_module.so;
-$( [ "$(id -u)" = 0 ] && echo "user root;" )
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-    token_budget_encoding o200k_base $repo/data/o200k_base.tiktoken;
-    token_budget_encoding cl100k_base $repo/data/cl100k_base.tiktoken;
-    include $repo/data/models.conf;
+$(bench_conf_head)
 
     token_budget_zone \$http_x_user zone=users:16m tokens=1000000000 per=1d;
 
-    access_log off;
-    client_body_temp_path $dir/client_body_temp;
-    proxy_temp_path $dir/proxy_temp;
-    fastcgi_temp_path $dir/fastcgi_temp;
-    uwsgi_temp_path $dir/uwsgi_temp;
-    scgi_temp_path $dir/scgi_temp;
+$(bench_conf_paths)
 
     upstream sse {
         server 127.0.0.1:$upport;
